@@ -1,0 +1,6 @@
+"""Applications and the command line talk to instructd through this package."""
+
+from .client import AsyncClient, Client
+from .types import Adapter, AdapterStats, Answer, ApiError, Promotion, Stats
+
+__all__ = ["Adapter", "AdapterStats", "Answer", "ApiError", "AsyncClient", "Client", "Promotion", "Stats"]

@@ -1,0 +1,152 @@
+"""Typed Python clients for instructd, blocking (`Client`) and asyncio (`AsyncClient`).
+
+    with Client("localhost:50051") as c:
+        answer = c.generate("Give three tips for staying healthy.")
+        c.feedback(answer.response_id, "up")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from instructd.v1 import instructd_pb2 as pb
+from instructd.v1 import instructd_pb2_grpc as pb_grpc
+
+from . import requests
+from .types import Adapter, Answer, ApiError, Promotion, Stats
+
+DEFAULT_TARGET = "localhost:50051"
+APP_ID_HEADER = "x-instructd-app"
+
+
+def _target(target: str | None) -> str:
+    from instructd.server.config import ENV_TARGET  # the one place environment variables are declared
+    return target or os.environ.get(ENV_TARGET) or DEFAULT_TARGET
+
+
+class _Stubs:
+    def __init__(self, channel, app_id: str, timeout: float | None) -> None:
+        self.channel = channel
+        self._inference = pb_grpc.InferenceStub(channel)
+        self._feedback = pb_grpc.FeedbackStub(channel)
+        self._admin = pb_grpc.AdminStub(channel)
+        self.metadata = ((APP_ID_HEADER, app_id),)
+        self.timeout = timeout
+
+
+class Client(_Stubs):
+    """Blocking client. Every method raises ApiError on failure."""
+
+    def __init__(self, target: str | None = None, *, app_id: str = "default", timeout: float | None = 300) -> None:
+        super().__init__(grpc.insecure_channel(_target(target)), app_id, timeout)
+
+    def _call(self, rpc, request):
+        try:
+            return rpc(request, metadata=self.metadata, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ApiError.from_rpc(error) from None
+
+    def generate(self, messages: requests.Messages, **options) -> Answer:
+        """Answers a prompt or conversation; options as in `requests.generate`."""
+        return Answer.from_pb(self._call(self._inference.Generate, requests.generate(messages, **options)))
+
+    def stream(self, messages: requests.Messages, **options) -> Iterator[str | Answer]:
+        """Yields text deltas, then the final Answer. Closing the iterator early cancels generation."""
+        call = self._inference.GenerateStream(requests.generate(messages, **options), metadata=self.metadata,
+                                             timeout=self.timeout)
+        try:
+            for event in call:
+                yield event.delta if event.WhichOneof("event") == "delta" else Answer.from_pb(event.final)
+        except grpc.RpcError as error:
+            raise ApiError.from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    def feedback(self, response_id: str, rating: str, **options) -> str:
+        """Rates an answer "up" or "down"; returns the feedback id once it is committed."""
+        return self._call(self._feedback.Submit, requests.feedback(response_id, rating, **options)).feedback_id
+
+    def adapters(self) -> tuple[list[Adapter], int]:
+        """Every adapter version (newest first) and the version now serving (0: base)."""
+        reply = self._call(self._admin.ListAdapters, pb.ListAdaptersRequest())
+        return [Adapter.from_pb(a) for a in reply.adapters], reply.promoted_version
+
+    def register(self, path: str, **options) -> Adapter:
+        return Adapter.from_pb(self._call(self._admin.RegisterAdapter, requests.register(path, **options)))
+
+    def promote(self, version: int, expected_current: int | None = None) -> Promotion:
+        return Promotion.from_pb(self._call(self._admin.Promote, requests.promote(version, expected_current)))
+
+    def rollback(self, version: int | None = None) -> Promotion:
+        return Promotion.from_pb(self._call(self._admin.Rollback, requests.rollback(version)))
+
+    def stats(self) -> Stats:
+        return Stats.from_pb(self._call(self._admin.GetStats, pb.GetStatsRequest()))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+
+class AsyncClient(_Stubs):
+    """asyncio client with the same methods as Client, as coroutines."""
+
+    def __init__(self, target: str | None = None, *, app_id: str = "default", timeout: float | None = 300) -> None:
+        super().__init__(grpc.aio.insecure_channel(_target(target)), app_id, timeout)
+
+    async def _call(self, rpc, request):
+        try:
+            return await rpc(request, metadata=self.metadata, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ApiError.from_rpc(error) from None
+
+    async def generate(self, messages: requests.Messages, **options) -> Answer:
+        return Answer.from_pb(await self._call(self._inference.Generate, requests.generate(messages, **options)))
+
+    async def stream(self, messages: requests.Messages, **options) -> AsyncIterator[str | Answer]:
+        call = self._inference.GenerateStream(requests.generate(messages, **options), metadata=self.metadata,
+                                             timeout=self.timeout)
+        try:
+            async for event in call:
+                yield event.delta if event.WhichOneof("event") == "delta" else Answer.from_pb(event.final)
+        except grpc.RpcError as error:
+            raise ApiError.from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def feedback(self, response_id: str, rating: str, **options) -> str:
+        reply = await self._call(self._feedback.Submit, requests.feedback(response_id, rating, **options))
+        return reply.feedback_id
+
+    async def adapters(self) -> tuple[list[Adapter], int]:
+        reply = await self._call(self._admin.ListAdapters, pb.ListAdaptersRequest())
+        return [Adapter.from_pb(a) for a in reply.adapters], reply.promoted_version
+
+    async def register(self, path: str, **options) -> Adapter:
+        return Adapter.from_pb(await self._call(self._admin.RegisterAdapter, requests.register(path, **options)))
+
+    async def promote(self, version: int, expected_current: int | None = None) -> Promotion:
+        return Promotion.from_pb(await self._call(self._admin.Promote, requests.promote(version, expected_current)))
+
+    async def rollback(self, version: int | None = None) -> Promotion:
+        return Promotion.from_pb(await self._call(self._admin.Rollback, requests.rollback(version)))
+
+    async def stats(self) -> Stats:
+        return Stats.from_pb(await self._call(self._admin.GetStats, pb.GetStatsRequest()))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_) -> None:
+        await self.close()

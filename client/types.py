@@ -1,0 +1,96 @@
+"""Plain result types returned by the client, so callers never handle protobuf messages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import grpc
+
+from instructd.v1 import instructd_pb2 as pb
+
+
+class ApiError(Exception):
+    """A call failed; `code` is the gRPC status (e.g. INVALID_ARGUMENT), the message says why."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> ApiError:
+        return cls(error.code(), error.details() or "")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer. adapter_version 0 means the base model answered."""
+
+    response_id: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_version: int
+
+    @classmethod
+    def from_pb(cls, m: pb.GenerateResponse) -> Answer:
+        return cls(m.response_id, m.text, m.finish_reason, m.usage.prompt_tokens, m.usage.completion_tokens,
+                   m.adapter_version)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A registered adapter version."""
+
+    version: int
+    path: str
+    base_model: str
+    parent_version: int
+    status: str
+    created_at: str
+    promoted_at: str
+    metadata: dict
+
+    @classmethod
+    def from_pb(cls, m: pb.Adapter) -> Adapter:
+        return cls(m.version, m.path, m.base_model, m.parent_version, m.status, m.created_at, m.promoted_at,
+                   json.loads(m.metadata_json or "{}"))
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    """Exchanges and ratings of one adapter version (0: the base model)."""
+
+    adapter_version: int
+    exchanges: int
+    ratings_up: int
+    ratings_down: int
+
+    @property
+    def up_rate(self) -> float | None:
+        rated = self.ratings_up + self.ratings_down
+        return self.ratings_up / rated if rated else None
+
+
+@dataclass(frozen=True)
+class Stats:
+    adapters: list[AdapterStats]
+    promoted_version: int
+
+    @classmethod
+    def from_pb(cls, m: pb.GetStatsResponse) -> Stats:
+        rows = [AdapterStats(a.adapter_version, a.exchanges, a.ratings_up, a.ratings_down) for a in m.adapters]
+        return cls(rows, m.promoted_version)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The outcome of a promotion or rollback."""
+
+    previous_version: int
+    promoted_version: int
+
+    @classmethod
+    def from_pb(cls, m: pb.PromoteResponse) -> Promotion:
+        return cls(m.previous_version, m.promoted_version)

@@ -1,0 +1,1 @@
+"""The gRPC service: inference on vLLM, feedback, adapter administration, metrics."""

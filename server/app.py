@@ -1,0 +1,79 @@
+"""Starts the service: model, store, engine, router, gRPC (with health and reflection) and /metrics;
+stops it cleanly on SIGTERM or SIGINT (in-flight requests finish, queued logs are committed)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from instructd.v1 import instructd_pb2 as pb
+from instructd.v1 import instructd_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .engine import VllmEngine
+from .inference import Inference
+from .metrics import Metrics, serve_metrics
+from .model import default_model
+from .router import AdapterRouter
+from .service import AdminServicer, FeedbackServicer, InferenceServicer
+from .store import Store
+
+log = logging.getLogger("instructd")
+SERVICES = ("Inference", "Feedback", "Admin")
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs the service until SIGTERM or SIGINT."""
+    model = config.model or await asyncio.to_thread(default_model, config.cache_dir)
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"instructd: {model} is not a Hugging Face model folder (no config.json)")
+    config.adapter_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.db_path)
+    metrics = Metrics(CollectorRegistry())
+    engine = VllmEngine(config, model)
+    try:
+        router = AdapterRouter(config, engine, store, metrics)
+        await router.restore()
+        inference = Inference(engine, router, store, metrics, config.default_max_tokens)
+        server, health_servicer = _grpc_server(inference, router, store, metrics)
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        metrics_port = serve_metrics(metrics, config.host, config.metrics_port)
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("instructd serving %s on %s:%d (metrics on :%d/metrics, data in %s)",
+                 model.name, config.host, port, metrics_port, config.data_dir)
+        await _until_signalled()
+        log.info("stopping: draining requests in flight (up to %gs)", config.drain_seconds)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(config.drain_seconds)
+    finally:
+        await asyncio.to_thread(store.close)
+        engine.shutdown()
+    log.info("stopped")
+
+
+def _grpc_server(inference: Inference, router: AdapterRouter, store: Store,
+                 metrics: Metrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(inference, metrics), server)
+    pb_grpc.add_FeedbackServicer_to_server(FeedbackServicer(store, metrics), server)
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(router, store, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SERVICES]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return server, health_servicer
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

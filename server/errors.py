@@ -1,0 +1,47 @@
+"""Named errors, each carrying the gRPC status it maps to; raised, never returned, never matched by text."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class InstructdError(Exception):
+    """Base class; `code` is the gRPC status the client sees, the message its details."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(InstructdError):
+    """The request itself is malformed or out of range (fix the request, then retry)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(InstructdError):
+    """A named thing (response id, adapter version, folder) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDenied(InstructdError):
+    """The request names something the server is configured not to touch."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(InstructdError):
+    """The thing exists but is not in a state that allows this (e.g. a rejected adapter)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Conflict(InstructdError):
+    """A compare-and-swap lost a race; re-read and retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(InstructdError):
+    """The server is shutting down or the engine is not running; retry elsewhere or later."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,1 @@
+"""Turns logged exchanges and ratings into LoRA adapters (see issue: online tuner)."""
