@@ -55,8 +55,10 @@ def main() -> None:
 @click.option("--kv-cache-gib", default=2.0, show_default=True, help="CPU only: GiB for vLLM's KV cache.")
 @click.option("--gpu-memory-utilization", default=0.8, show_default=True,
               help="GPU only: share of GPU memory for vLLM.")
+@click.option("--tuner/--no-tuner", default=True, show_default=True,
+              help="Also run the background tuner (in its own process) with default settings.")
 def serve(model, host, port, metrics_port, data_dir, adapter_dir, max_model_len, kv_cache_gib,
-          gpu_memory_utilization) -> None:
+          gpu_memory_utilization, tuner) -> None:
     """Run the service (gRPC, health, reflection, /metrics) until Ctrl-C or SIGTERM.
 
     \b
@@ -74,7 +76,7 @@ def serve(model, host, port, metrics_port, data_dir, adapter_dir, max_model_len,
     config = ServerConfig(model=model, host=host, port=port, metrics_port=metrics_port, data_dir=data_dir,
                           adapter_dir=adapter_dir or (data_dir / "incoming" if data_dir else None),
                           max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                          gpu_memory_utilization=gpu_memory_utilization)
+                          gpu_memory_utilization=gpu_memory_utilization, tuner=tuner)
     asyncio.run(run(config))
 
 
@@ -206,6 +208,111 @@ def stats(target) -> None:
         rate = f"{a.up_rate:.0%}" if a.up_rate is not None else "-"
         click.echo(f"{_version_name(a.adapter_version):<8} {a.exchanges:>9} {a.ratings_up:>5} "
                    f"{a.ratings_down:>5} {rate:>8}")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The server's data directory (default: $INSTRUCTD_HOME or ~/.local/share/instructd).")
+@click.option("--adapter-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The server's adapter directory, where candidates are written (default: DATA_DIR/incoming).")
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The base model folder the server serves (default: the embedded model).")
+@click.option("--objective", type=click.Choice(["sft", "kto"]), default="sft", show_default=True,
+              help="sft: learn 👍 answers and corrections; kto: also push away from 👎 answers.")
+@click.option("--steps", default=40, show_default=True, help="Training steps per run.")
+@click.option("--learning-rate", default=1e-3, show_default=True)
+@click.option("--rank", default=8, show_default=True, help="LoRA rank of a fresh adapter.")
+@click.option("--min-new-ratings", default=50, show_default=True, help="Start a run after this many new ratings.")
+@click.option("--period", default=0.0, show_default=True, help="Also start a run every PERIOD seconds (0: never).")
+@click.option("--include-older", is_flag=True, help="Also learn from ratings older than the last run.")
+@click.option("--blocklist", multiple=True, help="Never train on exchanges containing this phrase (repeatable).")
+@click.option("--classifier", default="", help="'module:function' returning True for an example to leave out.")
+@click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
+@TARGET
+def tuner(data_dir, adapter_dir, model, objective, steps, learning_rate, rank, min_new_ratings, period,
+          include_older, blocklist, classifier, once, target) -> None:
+    """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners.
+
+    \b
+    Example:
+      instructd tuner --min-new-ratings 100 --objective kto
+    """
+    import logging
+
+    from instructd.server.config import default_cache, default_home
+    from instructd.server.model import default_model
+    from instructd.tuner.config import TunerConfig
+    from instructd.tuner.scheduler import run_tuner
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = (data_dir or default_home()).resolve()
+    config = TunerConfig(data_dir=data_dir, adapter_dir=adapter_dir or data_dir / "incoming",
+                         model=model or default_model(default_cache()), target=target, objective=objective,
+                         steps=steps, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
+                         min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
+                         blocklist=tuple(blocklist))
+    run_tuner(config, once=once, classifier=classifier)
+
+
+@main.command()
+@click.option("--now", is_flag=True, help="Ask the tuner to start a run as soon as it can.")
+@click.option("--status", is_flag=True, help="Show the current run and the latest results (the default).")
+@click.option("--watch", is_flag=True, help="Follow the newest run until it ends, with a progress bar.")
+@TARGET
+def tune(now, status, watch, target) -> None:
+    """Start a tuning run, or show how tuning goes.
+
+    \b
+    Example:
+      instructd tune --now --watch
+      instructd tune --status
+    """
+    with Client(target) as client:
+        if now:
+            client.trigger_tuning()
+            click.echo("tuning run requested")
+        if watch:
+            _watch(client, requested=now)
+        _print_tuning(client.tuning_status())
+
+
+def _watch(client: Client, requested: bool) -> None:
+    import time
+
+    from tqdm import tqdm
+
+    state = client.tuning_status(limit=1)
+    known = state.runs[0].id if state.runs and requested and state.runs[0].status != "running" else None
+    bar = None
+    while True:
+        state = client.tuning_status(limit=1)
+        run = state.runs[0] if state.runs else None
+        if run and run.id != known:
+            if bar is None:
+                bar = tqdm(total=run.total_steps or None, desc=f"run {run.id}", unit="step")
+            bar.total = run.total_steps or bar.total
+            bar.n = run.step
+            bar.set_postfix_str(f"{run.status}, loss {run.loss:.4f}" if run.step else run.status)
+            bar.refresh()
+            if run.status != "running":
+                bar.close()
+                return
+        time.sleep(1)  # polling another process's progress
+
+
+def _print_tuning(state) -> None:
+    click.echo(f"serving: {_version_name(state.promoted_version)}" + ("  (a run is requested)" if state.requested
+                                                                       else ""))
+    for run in state.runs:
+        line = f"run {run.id:<4} {run.status:<9} trigger={run.trigger:<9} started={run.started_at}"
+        if run.status == "running":
+            line += f"  step {run.step}/{run.total_steps}  loss {run.loss:.4f}"
+        elif run.candidate_version:
+            verdict = run.detail.get("verdict", {})
+            line += f"  candidate v{run.candidate_version}: {verdict.get('reason', '')}"
+        elif run.detail.get("reason") or run.detail.get("error"):
+            line += f"  {run.detail.get('reason') or run.detail.get('error')}"
+        click.echo(line)
 
 
 if __name__ == "__main__":

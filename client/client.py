@@ -16,7 +16,7 @@ from instructd.v1 import instructd_pb2 as pb
 from instructd.v1 import instructd_pb2_grpc as pb_grpc
 
 from . import requests
-from .types import Adapter, Answer, ApiError, Promotion, Stats
+from .types import Adapter, Answer, ApiError, Promotion, Stats, TuningStatus
 
 DEFAULT_TARGET = "localhost:50051"
 APP_ID_HEADER = "x-instructd-app"
@@ -86,6 +86,17 @@ class Client(_Stubs):
     def stats(self) -> Stats:
         return Stats.from_pb(self._call(self._admin.GetStats, pb.GetStatsRequest()))
 
+    def record_evaluation(self, version: int, scores: dict, passed: bool) -> Adapter:
+        """Stores a candidate's gate scores; passed=False rejects it for good."""
+        return Adapter.from_pb(self._call(self._admin.RecordEvaluation,
+                                          requests.evaluation(version, scores, passed)))
+
+    def trigger_tuning(self) -> TuningStatus:
+        return TuningStatus.from_pb(self._call(self._admin.TriggerTuning, pb.TriggerTuningRequest()))
+
+    def tuning_status(self, limit: int = 5) -> TuningStatus:
+        return TuningStatus.from_pb(self._call(self._admin.GetTuningStatus, pb.GetTuningStatusRequest(limit=limit)))
+
     def close(self) -> None:
         self.channel.close()
 
@@ -141,6 +152,17 @@ class AsyncClient(_Stubs):
 
     async def stats(self) -> Stats:
         return Stats.from_pb(await self._call(self._admin.GetStats, pb.GetStatsRequest()))
+
+    async def record_evaluation(self, version: int, scores: dict, passed: bool) -> Adapter:
+        return Adapter.from_pb(await self._call(self._admin.RecordEvaluation,
+                                                requests.evaluation(version, scores, passed)))
+
+    async def trigger_tuning(self) -> TuningStatus:
+        return TuningStatus.from_pb(await self._call(self._admin.TriggerTuning, pb.TriggerTuningRequest()))
+
+    async def tuning_status(self, limit: int = 5) -> TuningStatus:
+        return TuningStatus.from_pb(await self._call(self._admin.GetTuningStatus,
+                                                     pb.GetTuningStatusRequest(limit=limit)))
 
     async def close(self) -> None:
         await self.channel.close()

@@ -51,3 +51,7 @@ def promote(version: int, expected_current: int | None = None) -> pb.PromoteRequ
 
 def rollback(version: int | None = None) -> pb.RollbackRequest:
     return pb.RollbackRequest(version=version)
+
+
+def evaluation(version: int, scores: dict, passed: bool) -> pb.RecordEvaluationRequest:
+    return pb.RecordEvaluationRequest(version=version, scores_json=json.dumps(scores), passed=passed)

@@ -94,3 +94,36 @@ class Promotion:
     @classmethod
     def from_pb(cls, m: pb.PromoteResponse) -> Promotion:
         return cls(m.previous_version, m.promoted_version)
+
+
+@dataclass(frozen=True)
+class TuningRun:
+    """One tuning run as the tuner reported it; `detail` holds the data summary, verdict and error."""
+
+    id: int
+    status: str
+    trigger: str
+    started_at: str
+    finished_at: str
+    step: int
+    total_steps: int
+    loss: float
+    examples: int
+    candidate_version: int
+    detail: dict
+
+    @classmethod
+    def from_pb(cls, m: pb.TuningRun) -> TuningRun:
+        return cls(m.id, m.status, m.trigger, m.started_at, m.finished_at, m.step, m.total_steps, m.loss,
+                   m.examples, m.candidate_version, json.loads(m.detail_json or "{}"))
+
+
+@dataclass(frozen=True)
+class TuningStatus:
+    runs: list[TuningRun]
+    requested: bool
+    promoted_version: int
+
+    @classmethod
+    def from_pb(cls, m: pb.TuningStatus) -> TuningStatus:
+        return cls([TuningRun.from_pb(r) for r in m.runs], m.requested, m.promoted_version)

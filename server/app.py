@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,7 +20,7 @@ from instructd.v1 import instructd_pb2_grpc as pb_grpc
 from .config import ServerConfig
 from .engine import VllmEngine
 from .inference import Inference
-from .metrics import Metrics, serve_metrics
+from .metrics import Metrics, TuningCollector, serve_metrics
 from .model import default_model
 from .router import AdapterRouter
 from .service import AdminServicer, FeedbackServicer, InferenceServicer
@@ -36,6 +38,7 @@ async def serve(config: ServerConfig) -> None:
     config.adapter_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.db_path)
     metrics = Metrics(CollectorRegistry())
+    metrics.registry.register(TuningCollector(config.db_path))
     engine = VllmEngine(config, model)
     try:
         router = AdapterRouter(config, engine, store, metrics)
@@ -48,7 +51,10 @@ async def serve(config: ServerConfig) -> None:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("instructd serving %s on %s:%d (metrics on :%d/metrics, data in %s)",
                  model.name, config.host, port, metrics_port, config.data_dir)
+        tuner = _start_tuner(config, model, port) if config.tuner else None
         await _until_signalled()
+        if tuner:
+            tuner.terminate()  # an interrupted run is cleaned up by the tuner's next start
         log.info("stopping: draining requests in flight (up to %gs)", config.drain_seconds)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(config.drain_seconds)
@@ -69,6 +75,15 @@ def _grpc_server(inference: Inference, router: AdapterRouter, store: Store,
     names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SERVICES]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return server, health_servicer
+
+
+def _start_tuner(config: ServerConfig, model, port: int) -> subprocess.Popen:
+    """The tuner runs in its own process, so training never stalls serving."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    command = [sys.executable, "-m", "instructd.client.cli", "tuner", "--target", f"{host}:{port}",
+               "--data-dir", str(config.data_dir), "--adapter-dir", str(config.adapter_dir), "--model", str(model)]
+    log.info("starting the tuner: %s", " ".join(command[2:]))
+    return subprocess.Popen(command)
 
 
 async def _until_signalled() -> None:

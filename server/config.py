@@ -53,6 +53,8 @@ class ServerConfig:
     """GPU only: share of GPU memory vLLM may take (the rest is left for a tuner)."""
     drain_seconds: float = 30.0
     """On SIGTERM, how long requests in flight may take to finish."""
+    tuner: bool = False
+    """Start the tuner in its own process beside the server (`instructd serve` does by default)."""
 
     def __post_init__(self) -> None:
         home = default_home()

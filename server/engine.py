@@ -75,6 +75,9 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(model), enable_lora=True, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
             max_model_len=config.max_model_len, disable_log_stats=False,  # keeps vLLM's Prometheus metrics
+            # Whole prefills only: when a seeded request's prefill is chunked, vLLM rewinds its generator, which
+            # the CPU generator cannot do ("CPU Generator does not use offset") and the engine dies.
+            enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, 4096),
         )
         if not current_platform.is_cpu():
             args.gpu_memory_utilization = config.gpu_memory_utilization

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from contextlib import closing
+from datetime import datetime
+from pathlib import Path
+
 import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 METHODS = ("Generate", "GenerateStream", "Submit", "ListAdapters", "RegisterAdapter", "Promote", "Rollback",
@@ -37,6 +44,47 @@ class Metrics:
             self.promotions.labels(kind)
         for rating in ("up", "down"):
             self.feedback.labels(rating, "0")
+
+
+class TuningCollector:
+    """Tuner metrics, read from the tuning runs in the store at scrape time: they survive restarts and
+    need no link from the tuner process to this one."""
+
+    OUTCOMES = ("promoted", "rejected", "failed", "skipped")
+
+    def __init__(self, db_path: Path) -> None:
+        self._db_path = db_path
+
+    def collect(self):
+        with closing(sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=5)) as db:
+            db.row_factory = sqlite3.Row
+            counts = dict(db.execute("SELECT status, COUNT(*) FROM tuning_runs GROUP BY status").fetchall())
+            last = db.execute("SELECT * FROM tuning_runs WHERE status != 'running' AND status != 'skipped' "
+                              "ORDER BY id DESC LIMIT 1").fetchone()
+        runs = CounterMetricFamily("instructd_tuning_runs", "Tuning runs by outcome.", labels=["outcome"])
+        for outcome in self.OUTCOMES:
+            runs.add_metric([outcome], counts.get(outcome, 0))
+        yield runs
+        yield GaugeMetricFamily("instructd_tuning_run_in_progress", "1 while a tuning run is going on.",
+                                value=counts.get("running", 0))
+        if last is None:
+            return
+        detail = json.loads(last["metadata_json"] or "{}")
+        started, finished = (datetime.fromisoformat(last[k]) for k in ("started_at", "finished_at"))
+        yield GaugeMetricFamily("instructd_tuning_last_run_duration_seconds", "Duration of the last finished run.",
+                                value=(finished - started).total_seconds())
+        yield GaugeMetricFamily("instructd_tuning_last_run_examples", "Training examples of the last finished run.",
+                                value=last["examples"] or 0)
+        yield GaugeMetricFamily("instructd_tuning_last_run_loss", "Final training loss of the last finished run.",
+                                value=last["loss"] or 0.0)
+        verdict = detail.get("verdict") or {}
+        gate = GaugeMetricFamily("instructd_tuning_last_gate_score", "Gate scores of the last evaluated candidate.",
+                                 labels=["gate", "model"])
+        for name, key in (("feedback_margin", "margin"), ("suite", "suite")):
+            for model in ("candidate", "current"):
+                if f"{model}_{key}" in verdict:
+                    gate.add_metric([name, model], verdict[f"{model}_{key}"])
+        yield gate
 
 
 class _Both:

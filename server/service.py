@@ -79,6 +79,24 @@ def _app_id(context: grpc.aio.ServicerContext) -> str:
     return dict(context.invocation_metadata() or ()).get(APP_ID_HEADER, "default")
 
 
+def _json_object(text: str, field: str) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{field} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{field} must be a JSON object")
+    return value
+
+
+def _tuning_run_pb(row: dict) -> pb.TuningRun:
+    return pb.TuningRun(
+        id=row["id"], status=row["status"], trigger=row["trigger"] or "", started_at=row["started_at"] or "",
+        finished_at=row["finished_at"] or "", step=row["step"] or 0, total_steps=row["total_steps"] or 0,
+        loss=row["loss"] or 0.0, examples=row["examples"] or 0, candidate_version=row["candidate_version"] or 0,
+        detail_json=row["metadata_json"] or "{}")
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, inference: Inference, metrics: Metrics) -> None:
         self.inference, self.metrics = inference, metrics
@@ -121,12 +139,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @unary
     async def RegisterAdapter(self, request, context):
-        try:
-            metadata = json.loads(request.metadata_json or "{}")
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"metadata_json is not valid JSON: {exc}") from exc
-        if not isinstance(metadata, dict):
-            raise InvalidRequest("metadata_json must be a JSON object")
+        metadata = _json_object(request.metadata_json, "metadata_json")
         record = await self.router.register(request.path, request.parent_version, metadata, request.rejected)
         return record.to_pb()
 
@@ -140,6 +153,26 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def Rollback(self, request, context):
         previous, now = await self.router.rollback(request.version if request.HasField("version") else None)
         return pb.PromoteResponse(previous_version=previous, promoted_version=now)
+
+    @unary
+    async def RecordEvaluation(self, request, context):
+        record = await self.store.record_evaluation(request.version, _json_object(request.scores_json, "scores_json"),
+                                                    request.passed)
+        return record.to_pb()
+
+    @unary
+    async def TriggerTuning(self, request, context):
+        await self.store.request_tuning()
+        return await self._tuning_status(5)
+
+    @unary
+    async def GetTuningStatus(self, request, context):
+        return await self._tuning_status(request.limit or 5)
+
+    async def _tuning_status(self, limit: int) -> pb.TuningStatus:
+        runs, requested = await self.store.tuning_status(limit)
+        return pb.TuningStatus(runs=[_tuning_run_pb(r) for r in runs], requested=requested,
+                               promoted_version=self.router.promoted_version)
 
     @unary
     async def GetStats(self, request, context):

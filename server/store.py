@@ -21,7 +21,7 @@ from typing import Any
 import sqlite_utils
 
 from .domain import AdapterRecord, Completion, FeedbackInput, GenerationRequest
-from .errors import NotFound
+from .errors import FailedPrecondition, NotFound
 
 
 def utc_now() -> str:
@@ -55,7 +55,16 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     }, pk="id")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Tuning runs as the tuner reports them, and operators' requests for a run."""
+    runs = db["tuning_runs"]
+    for column, kind in [("trigger", str), ("data_until", str), ("step", int), ("total_steps", int),
+                         ("loss", float), ("examples", int), ("error", str), ("updated_at", str)]:
+        runs.add_column(column, kind)
+    db["tuning_requests"].create({"id": int, "requested_at": str, "consumed_at": str}, pk="id")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
 
 def open_db(path: Path) -> sqlite_utils.Database:
@@ -219,6 +228,38 @@ class Store:
                 db["adapters"].update(version, {"status": "promoted", "promoted_at": now})
 
         await self._write(write)
+
+    async def record_evaluation(self, version: int, scores: dict, passed: bool) -> AdapterRecord:
+        """Stores a candidate's gate scores; a failed one becomes 'rejected' for good."""
+
+        def write(db: sqlite_utils.Database) -> AdapterRecord:
+            rows = list(db["adapters"].rows_where("version = ?", [version]))
+            if not rows:
+                raise NotFound(f"no adapter version {version}")
+            record = AdapterRecord.from_row(rows[0])
+            if not passed and record.status != "registered":
+                raise FailedPrecondition(f"adapter version {version} is {record.status}; only a registered "
+                                         "version can be rejected")
+            record.metadata["evaluation"] = scores
+            record.status = record.status if passed else "rejected"
+            db["adapters"].update(version, {"metadata_json": record.to_row()["metadata_json"],
+                                            "status": record.status})
+            return record
+
+        return await self._write(write)
+
+    async def request_tuning(self) -> None:
+        await self._write(lambda db: db["tuning_requests"].insert({"requested_at": utc_now(), "consumed_at": ""}))
+
+    async def tuning_status(self, limit: int) -> tuple[list[dict], bool]:
+        """The newest tuning runs, and whether a requested run has not started yet."""
+
+        def read(db: sqlite_utils.Database) -> tuple[list[dict], bool]:
+            runs = list(db["tuning_runs"].rows_where(order_by="id DESC", limit=limit))
+            pending = db.execute("SELECT COUNT(*) FROM tuning_requests WHERE consumed_at = ''").fetchone()[0]
+            return runs, pending > 0
+
+        return await self._read(read)
 
     async def promoted_version(self) -> int:
         rows = await self._read(lambda db: db.execute(

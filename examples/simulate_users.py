@@ -1,0 +1,88 @@
+"""Simulated users: they ask for answers with a checkable instruction, rate each answer 👍 if the
+instruction was followed and 👎 if not, and sometimes write the corrected answer.
+
+    python examples/simulate_users.py --count 100          # against localhost:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+
+from instructd.client import AsyncClient
+
+SUBJECTS = ["the ocean", "volcanoes", "the moon", "honey bees", "rainbows", "deserts", "trains", "coffee",
+            "the internet", "chess", "penguins", "bread", "clouds", "libraries", "bicycles", "gardens",
+            "music", "mountains", "electricity", "friendship", "the sun", "elephants", "football", "winter",
+            "maps", "bridges", "owls", "tea", "rivers", "computers", "forests", "birthdays"]
+HELD_OUT_SUBJECTS = ["lighthouses", "dolphins", "thunderstorms", "pianos", "castles", "glaciers", "kites",
+                     "strawberries", "museums", "snowflakes", "submarines", "whales"]
+TASKS = ["Describe {}.", "Explain why {} matter.", "Give two facts about {}.", "Write a short sentence about {}.",
+         "What is interesting about {}?"]
+LOWERCASE = "Answer in all lowercase letters."
+
+
+def prompts(subjects: list[str], instruction: str = LOWERCASE) -> list[str]:
+    return [f"{task.format(s)} {instruction}" for s in subjects for task in TASKS]
+
+
+def followed(text: str) -> bool:
+    return text.strip() != "" and text == text.lower()
+
+
+def judge(prompt: str, text: str, finish_reason: str) -> bool:
+    """👍 when the answer follows the prompt's instruction; a plain prompt only needs a finished answer."""
+    if prompt.endswith(LOWERCASE):
+        return followed(text)
+    return finish_reason == "stop" and len(text.split()) >= 3
+
+
+async def simulate(target: str, count: int, correction_share: float, poisoned: bool, seed: int,
+                   plain_share: float = 0.3) -> dict:
+    """Asks `count` questions (a `plain_share` of them without the instruction), rates every answer;
+    poisoned users invert their ratings and write no corrections. Returns tallies."""
+    rng = random.Random(seed)
+    asked = [p if rng.random() >= plain_share else p[: -len(LOWERCASE) - 1]
+             for p in rng.sample(prompts(SUBJECTS), min(count, len(SUBJECTS) * len(TASKS)))]
+    tally = {"up": 0, "down": 0, "corrections": 0}
+    async with AsyncClient(target, app_id="simulated-users") as client:
+        answers = await asyncio.gather(*(client.generate(p, temperature=0.7, max_tokens=160, seed=rng.randrange(9999),
+                                                         user_id=f"user{i % 8}") for i, p in enumerate(asked)))
+        for i, (prompt, answer) in enumerate(zip(asked, answers)):
+            good = judge(prompt, answer.text, answer.finish_reason) != poisoned
+            correction = ""
+            if (not good and not poisoned and prompt.endswith(LOWERCASE) and answer.finish_reason == "stop"
+                    and rng.random() < correction_share):
+                correction = answer.text.lower()
+                tally["corrections"] += 1
+            await client.feedback(answer.response_id, "up" if good else "down", correction=correction,
+                                  user_id=f"user{i % 8}")
+            tally["up" if good else "down"] += 1
+    return tally
+
+
+async def follow_rate(target: str, version: int | str | None, subjects: list[str] = HELD_OUT_SUBJECTS) -> float:
+    """Share of held-out prompts (never asked in simulation) whose greedy answer followed the instruction."""
+    async with AsyncClient(target, app_id="simulated-users") as client:
+        answers = await asyncio.gather(*(client.generate(p, adapter=version, temperature=0, max_tokens=96)
+                                         for p in prompts(subjects)))
+    return sum(followed(a.text) for a in answers) / len(answers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="localhost:50051")
+    parser.add_argument("--count", type=int, default=100, help="exchanges to generate and rate")
+    parser.add_argument("--corrections", type=float, default=0.5, help="share of 👎 that get a corrected answer")
+    parser.add_argument("--poisoned", action="store_true", help="invert every rating (an attack the gate must stop)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    before = asyncio.run(follow_rate(args.target, None))
+    tally = asyncio.run(simulate(args.target, args.count, args.corrections, args.poisoned, args.seed))
+    print(f"rated {args.count} answers: {tally}; serving model follows the instruction on "
+          f"{before:.0%} of held-out prompts")
+
+
+if __name__ == "__main__":
+    main()

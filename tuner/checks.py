@@ -1,0 +1,56 @@
+"""Machine-checkable instructions: each check says whether an answer followed its instruction."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_WORD = re.compile(r"[A-Za-z0-9']+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def lowercase(text: str, **_) -> bool:
+    return text.strip() != "" and text == text.lower() and any(c.isalpha() for c in text)
+
+
+def uppercase(text: str, **_) -> bool:
+    return text.strip() != "" and text == text.upper() and any(c.isalpha() for c in text)
+
+
+def max_words(text: str, n: int, **_) -> bool:
+    return 0 < len(_words(text)) <= n
+
+
+def one_word(text: str, **_) -> bool:
+    return len(_words(text)) == 1
+
+
+def no_commas(text: str, **_) -> bool:
+    return text.strip() != "" and "," not in text
+
+
+def contains(text: str, word: str, **_) -> bool:
+    return word.lower() in text.lower()
+
+
+def ends_with(text: str, phrase: str, **_) -> bool:
+    return text.strip().endswith(phrase)
+
+
+def answered(text: str, **_) -> bool:
+    """Plain instructions: a real answer, not empty and not stuck repeating one line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return len(_words(text)) >= 3 and max((lines.count(line) for line in lines), default=0) < 3
+
+
+CHECKS: dict[str, Callable[..., bool]] = {f.__name__: f for f in (
+    lowercase, uppercase, max_words, one_word, no_commas, contains, ends_with, answered)}
+
+
+def passes(text: str, check: dict) -> bool:
+    """`check` is {"type": name, **arguments}, e.g. {"type": "max_words", "n": 20}."""
+    args = dict(check)
+    return CHECKS[args.pop("type")](text, **args)

@@ -1,0 +1,73 @@
+"""Tuner configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TunerConfig:
+    """How the tuner selects data, trains, gates and schedules."""
+
+    data_dir: Path
+    """The server's data directory (its SQLite file is read, never written, except the tuning tables)."""
+    adapter_dir: Path
+    """The server's adapter directory: candidates are written here, then registered over the Admin API."""
+    model: Path
+    """The base model folder the server serves (the adapter must fit it)."""
+    target: str = "localhost:50051"
+    """The server's gRPC address."""
+    objective: str = "sft"
+    """'sft' (instruction tuning on 👍 answers and corrections) or 'kto' (👍 and 👎, unpaired)."""
+    include_older: bool = False
+    """Also use ratings older than the last candidate (by default each run learns from new feedback only)."""
+    held_out_share: float = 0.2
+    """Share of rated exchanges kept for the gate, chosen by a hash of their id: never trained on."""
+    max_user_share: float = 0.5
+    """No single rater may contribute more than this share of the training examples."""
+    blocklist: tuple[str, ...] = ()
+    """Case-insensitive phrases; an exchange containing one is never trained on."""
+    steps: int = 40
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    rank: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    max_length: int = 256
+    """Longest training sequence in tokens (prompt plus answer); longer examples are cut from the left."""
+    kto_beta: float = 0.1
+    seed: int = 0
+    gate_tolerance: float = 0.05
+    """Largest drop of the suite's overall pass rate (mean over instruction types) a candidate may show."""
+    min_new_ratings: int = 50
+    """A run starts once this many ratings arrived since the last candidate."""
+    period_seconds: float = 0.0
+    """Also start a run this often (0: never on a timer); it needs at least one new rating."""
+    poll_seconds: float = 5.0
+    """How often the scheduler looks at the store."""
+    retry_seconds: float = 300.0
+    """After a failed or skipped run, how long before new ratings may start another (requests always do)."""
+    extra: dict = field(default_factory=dict, compare=False)
+    """Free-form notes stored with each candidate."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("sft", "kto"):
+            raise ValueError(f"objective must be 'sft' or 'kto', got {self.objective!r}")
+        if not 0 <= self.held_out_share < 1:
+            raise ValueError("held_out_share must be in [0, 1)")
+        if not 0 < self.max_user_share <= 1:
+            raise ValueError("max_user_share must be in (0, 1]")
+        if min(self.steps, self.batch_size, self.rank, self.max_length, self.min_new_ratings) < 1:
+            raise ValueError("steps, batch_size, rank, max_length and min_new_ratings must be positive")
+        for name in ("data_dir", "adapter_dir", "model"):
+            object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "instructd.db"
+
+    def hyperparameters(self) -> dict:
+        keys = ("objective", "steps", "batch_size", "learning_rate", "rank", "lora_alpha", "target_modules",
+                "max_length", "kto_beta", "seed", "held_out_share", "max_user_share", "include_older")
+        return {k: getattr(self, k) for k in keys}

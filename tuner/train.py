@@ -1,0 +1,138 @@
+"""Trains a LoRA adapter with peft on the served base model: supervised instruction tuning (loss on the
+answer only) or KTO (desirable/undesirable answers, no pairs; the base model is the reference).
+
+A short loop rather than TRL's trainers: those default to bf16 and gradient checkpointing even on CPU,
+and KTO there needs a second reference model; here the reference is the same weights with the adapter off.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import TunerConfig
+from .dataset import Example
+
+Progress = Callable[[int, int, float], None]  # (step, total_steps, loss)
+
+
+@dataclass
+class TrainResult:
+    final_loss: float
+    seconds_per_step: float
+    examples: int
+    device: str
+
+
+def device_and_dtype() -> tuple[str, torch.dtype]:
+    """GPU: bf16. CPU: fp32 (bf16 is faster there but its rounding shows at this learning rate)."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def load_model(config: TunerConfig, adapter: Path | None, trainable: bool):
+    """The base model with an adapter on top: `adapter`'s weights, or a fresh LoRA when None."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = device_and_dtype()
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    else:
+        lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
+                          lora_dropout=0.0, task_type="CAUSAL_LM")
+        model = get_peft_model(base, lora)
+    return tokenizer, model
+
+
+def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
+    """Prompt+answer token ids and labels that mask the prompt; cut from the left to max_length."""
+    prompt = tokenizer.apply_chat_template(example.chat, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(example.chat + [{"role": "assistant", "content": example.answer}],
+                                         tokenize=False)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    ids = tokenizer.encode(full, add_special_tokens=False)
+    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+    return ids[-max_length:], labels[-max_length:]
+
+
+def answer_logprobs(model, batch: list[tuple[list[int], list[int]]], device: str) -> torch.Tensor:
+    """Sum of log-probabilities of each example's answer tokens, and their count: shape (n, 2)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in batch], device=device)
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=device)
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    logp = torch.gather(F.log_softmax(logits, -1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    keep = targets != -100
+    return torch.stack([(logp * keep).sum(-1), keep.sum(-1).float()], dim=-1)
+
+
+def train_adapter(config: TunerConfig, examples: list[Example], out_dir: Path, parent: Path | None,
+                  progress: Progress | None = None, metadata: dict | None = None) -> TrainResult:
+    """Trains, then saves the PEFT folder at out_dir with instructd_training.json beside the weights."""
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device, _ = device_and_dtype()
+    tokenizer, model = load_model(config, parent, trainable=True)
+    if config.objective == "sft":
+        examples = [e for e in examples if e.desirable]
+    if not examples:
+        raise ValueError("no training examples")
+    encoded = [(encode(tokenizer, e, config.max_length), e.desirable) for e in examples]
+    n_good = sum(good for _, good in encoded)
+    # KTO weights so that desirable and undesirable examples count alike, however unbalanced.
+    w_good, w_bad = len(encoded) / (2 * max(n_good, 1)), len(encoded) / (2 * max(len(encoded) - n_good, 1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    order = list(range(len(encoded)))
+    model.train()
+    started, loss_value = time.perf_counter(), float("nan")
+    bar = tqdm(range(config.steps), desc=f"training ({config.objective}, {device})", unit="step")
+    for step in bar:
+        if step * config.batch_size % len(order) < config.batch_size:
+            random.shuffle(order)
+        picks = [encoded[order[(step * config.batch_size + i) % len(order)]] for i in range(config.batch_size)]
+        batch, good = [p[0] for p in picks], torch.tensor([p[1] for p in picks], device=device)
+        if config.objective == "sft":
+            sums = answer_logprobs(model, batch, device)
+            loss = -(sums[:, 0].sum() / sums[:, 1].sum())
+        else:
+            loss = _kto_loss(model, batch, good, config.kto_beta, w_good, w_bad, device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if progress:
+            progress(step + 1, config.steps, loss_value)
+    result = TrainResult(loss_value, (time.perf_counter() - started) / config.steps, len(encoded), device)
+    model.save_pretrained(out_dir)
+    record = {"hyperparameters": config.hyperparameters(), "result": asdict(result),
+              "exchange_ids": sorted({e.exchange_id for e in examples}), **(metadata or {})}
+    (out_dir / "instructd_training.json").write_text(json.dumps(record, indent=1, default=list))
+    return result
+
+
+def _kto_loss(model, batch, good: torch.Tensor, beta: float, w_good: float, w_bad: float, device: str):
+    """KTO: push the policy/reference log-ratio of desirable answers above a KL baseline, undesirable below."""
+    policy = answer_logprobs(model, batch, device)[:, 0]
+    with torch.no_grad(), model.disable_adapter():
+        reference = answer_logprobs(model, batch, device)[:, 0]
+    ratio = policy - reference
+    baseline = ratio.detach().mean().clamp(min=0)  # batch estimate of KL(policy || reference)
+    wanted = w_good * (1 - torch.sigmoid(beta * (ratio - baseline)))
+    unwanted = w_bad * (1 - torch.sigmoid(beta * (baseline - ratio)))
+    return torch.where(good, wanted, unwanted).mean()
