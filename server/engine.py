@@ -128,3 +128,68 @@ class VllmEngine:
 
         # A name and id per version: reusing a name would serve stale weights from vLLM's caches.
         return LoRARequest(f"instructd-v{adapter.version}", adapter.version, adapter.path)
+
+
+# ---------------------------------------------------------------- CPU LoRA kernels
+# vLLM's CPU LoRA ops copy the adapter's weights once per token (lora_weights[token_indices]) and run a
+# batched matrix-vector product: measured here 157 -> 14 tok/s with a rank-8 adapter active. These do
+# one matmul per distinct adapter in the batch. Installed in every vLLM process (workers included)
+# through the `vllm.general_plugins` entry point in pyproject.toml.
+
+
+def _per_adapter(inputs, weights, indices, dtype):
+    """inputs[t] @ weights[indices[t]].T for every token t; index -1 (no adapter) contributes zero."""
+    import torch
+
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    inputs = inputs.to(dtype)
+    adapters = torch.unique(indices[: inputs.shape[0]]).tolist()
+    if len(adapters) == 1 and adapters[0] >= 0 and indices.shape[0] >= inputs.shape[0]:
+        return inputs @ weights[adapters[0]].to(dtype).T
+    out = inputs.new_zeros(inputs.shape[0], weights.shape[1])
+    for adapter in adapters:
+        if adapter >= 0:
+            rows = (indices[: inputs.shape[0]] == adapter).nonzero(as_tuple=True)[0]
+            out[rows] = inputs[rows] @ weights[adapter].to(dtype).T
+    return out
+
+
+def _bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+    outputs = _per_adapter(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def _bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+    outputs = _per_adapter(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    width = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :width] += outputs[:limit, :width]
+    else:
+        output_tensor[:, :width] = outputs[:limit, :width]
+
+
+def _bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
+                       add_inputs=True):
+    outputs = _per_adapter(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
+
+
+def use_per_adapter_cpu_lora() -> None:
+    """vLLM general plugin: on CPU, replace the per-token LoRA ops (idempotent)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    ops = {"bgmv_shrink": _bgmv_shrink, "bgmv_expand": _bgmv_expand, "bgmv_expand_slice": _bgmv_expand_slice}
+    for module in (lora_ops, torch_ops, punica_cpu):  # sgmv_* look bgmv_* up in lora_ops at call time
+        for name, op in ops.items():
+            setattr(module, name, op)

@@ -43,7 +43,8 @@ class ServerProcess:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "instructd.client.cli", "serve", "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--data-dir", str(self.data_dir), "--max-model-len", "1024"]
+               "--metrics-port", str(self.metrics_port), "--data-dir", str(self.data_dir), "--max-model-len", "1024",
+               "--no-tuner"]
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         self._wait_serving()

@@ -1,0 +1,123 @@
+"""The whole loop through the public API, as applications and operators drive it: simulated users ask
+with a checkable instruction and rate by it; the tuner trains, gates and promotes; a poisoned run is
+rejected; a killed run leaves the registry clean; restart keeps the promoted version; rollback restores."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from examples.simulate_users import follow_rate, simulate
+from instructd.client import Client
+
+from ..conftest import ServerProcess
+
+CLI = [sys.executable, "-m", "instructd.client.cli"]
+
+
+@pytest.fixture(scope="module")
+def loop_server(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("loop")
+    server = ServerProcess(root / "data", root / "server.log")
+    server.start()
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def loop_client(loop_server):
+    with Client(loop_server.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def base_rate(loop_server):
+    return asyncio.run(follow_rate(loop_server.target, "base"))
+
+
+def tuner(server: ServerProcess, *args: str) -> list[str]:
+    return [*CLI, "tuner", "--data-dir", str(server.data_dir), "--target", server.target, *args]
+
+
+def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, base_rate):
+    asyncio.run(simulate(loop_server.target, count=100, correction_share=0.5, poisoned=False, seed=0))
+    subprocess.run(tuner(loop_server, "--once"), check=True, timeout=1200)
+
+    run = loop_client.tuning_status().runs[0]
+    assert (run.status, run.trigger) == ("promoted", "requested"), run.detail
+    adapters, promoted = loop_client.adapters()
+    candidate = adapters[0]
+    assert promoted == candidate.version == run.candidate_version
+    assert candidate.parent_version == 0 and candidate.base_model == "SmolLM2-135M-Instruct"
+    assert candidate.metadata["evaluation"]["passed"] is True
+    assert candidate.metadata["hyperparameters"]["objective"] == "sft"
+    assert len(candidate.metadata["exchange_ids"]) >= 20
+
+    tuned_rate = asyncio.run(follow_rate(loop_server.target, None))
+    print(f"held-out prompts answered in lowercase: base {base_rate:.0%}, tuned {tuned_rate:.0%}")
+    assert tuned_rate >= base_rate + 0.25
+
+    answer = loop_client.generate("Describe lighthouses. Answer in all lowercase letters.", max_tokens=32)
+    assert answer.adapter_version == candidate.version
+    assert loop_server.exchange(answer.response_id)["adapter_version"] == candidate.version
+    metrics = loop_server.metrics()
+    assert metrics['instructd_tuning_runs_total{outcome="promoted"}'] == 1
+    assert metrics["instructd_promoted_adapter_version"] == candidate.version
+    assert metrics['instructd_tuning_last_gate_score{gate="suite",model="candidate"}'] >= 0
+
+
+def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_client):
+    # New feedback, inverted by an attacker; the next test finishes the job this run cannot.
+    asyncio.run(simulate(loop_server.target, count=80, correction_share=0.0, poisoned=True, seed=1))
+    before = loop_client.adapters()
+    loop_client.trigger_tuning()
+    proc = subprocess.Popen(tuner(loop_server, "--steps", "1000"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            run = loop_client.tuning_status().runs[0]
+            if run.status == "running" and run.step >= 2:
+                break
+            assert proc.poll() is None, "the tuner exited before training"
+            time.sleep(1)  # watching another process's progress
+        else:
+            pytest.fail("the tuning run never reached step 2")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert loop_client.adapters() == before  # nothing registered, nothing promoted
+
+
+def test_the_next_run_recovers_and_the_gate_rejects_poisoned_feedback(loop_server, loop_client):
+    promoted_before = loop_client.adapters()[1]
+    subprocess.run(tuner(loop_server, "--once"), check=True, timeout=1200)
+
+    runs = loop_client.tuning_status().runs
+    rejected, killed = runs[0], runs[1]
+    assert killed.status == "failed" and "interrupted" in killed.detail["error"]
+    assert rejected.status == "rejected", rejected.detail
+    adapters, promoted = loop_client.adapters()
+    assert promoted == promoted_before
+    assert adapters[0].version == rejected.candidate_version and adapters[0].status == "rejected"
+    assert adapters[0].metadata["evaluation"]["passed"] is False
+    assert not list(loop_server.adapter_dir.glob(".run-*.partial"))
+    assert loop_server.metrics()['instructd_tuning_runs_total{outcome="rejected"}'] == 1
+
+
+def test_restart_keeps_the_promoted_version_and_rollback_restores_the_base(loop_server, loop_client, base_rate):
+    promoted = loop_client.adapters()[1]
+    loop_server.restart()
+    assert loop_client.adapters()[1] == promoted
+    assert loop_client.generate("Say hi.", max_tokens=8).adapter_version == promoted
+
+    out = subprocess.run([*CLI, "rollback", "--target", loop_server.target], check=True, capture_output=True,
+                         text=True).stdout
+    assert out.strip() == f"serving base (was v{promoted})"
+    assert asyncio.run(follow_rate(loop_server.target, None)) == base_rate
+    stats = {s.adapter_version: s for s in loop_client.stats().adapters}
+    assert stats[promoted].exchanges > 0 and stats[0].ratings_up + stats[0].ratings_down > 0
