@@ -38,6 +38,9 @@ class TunerConfig:
     """Longest training sequence in tokens (prompt plus answer); longer examples are cut from the left."""
     kto_beta: float = 0.1
     seed: int = 0
+    history_tolerance: float = 0.01
+    """How far (mean log-likelihood per token) a candidate may fall behind the serving adapter on earlier
+    held-out feedback; poisoned new ratings show up as a fall there."""
     gate_tolerance: float = 0.05
     """Largest drop of the suite's overall pass rate (mean over instruction types) a candidate may show."""
     min_new_ratings: int = 50

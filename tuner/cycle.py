@@ -47,7 +47,7 @@ def run_cycle(config: TunerConfig, runs: RunLog, client: Client, trigger: str, c
             **lineage, "hyperparameters": config.hyperparameters(), "data": data.summary(),
             "exchange_ids": data.exchange_ids, "train": asdict(result)})
         runs.set_candidate(run_id, candidate.version)
-        verdict = judge(config, (candidate.version, out), (current, parent), data.held_out)
+        verdict = judge(config, (candidate.version, out), (current, parent), data.held_out, data.history)
         detail["verdict"] = verdict.scores()
         client.record_evaluation(candidate.version, verdict.scores(), verdict.passed)
         if verdict.passed:

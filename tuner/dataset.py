@@ -35,6 +35,9 @@ class Example:
 class Dataset:
     train: list[Example] = field(default_factory=list)
     held_out: list[Example] = field(default_factory=list)
+    """Held-out examples rated since the last run: the new feedback the candidate must do better on."""
+    history: list[Example] = field(default_factory=list)
+    """Held-out examples rated before: feedback that earlier candidates were judged on; never trained on."""
     dropped: Counter = field(default_factory=Counter)
     """Why examples were left out: {'empty': 2, 'truncated': 5, ...}."""
     data_until: str = ""
@@ -47,7 +50,7 @@ class Dataset:
     def summary(self) -> dict:
         return {"train_desirable": sum(e.desirable for e in self.train),
                 "train_undesirable": sum(not e.desirable for e in self.train),
-                "held_out": len(self.held_out), "dropped": dict(self.dropped)}
+                "held_out": len(self.held_out), "history": len(self.history), "dropped": dict(self.dropped)}
 
 
 _RATED = """
@@ -60,12 +63,15 @@ def build_dataset(config: TunerConfig, since: str, classifier: Callable[[Example
     """Everything rated after `since` (ISO time; '' for all) turned into a filtered, split dataset."""
     db = sqlite_utils.Database(config.db_path)
     try:
-        rows = list(db.query(_RATED, ["" if config.include_older else since]))
+        rows = list(db.query(_RATED, [""]))
     finally:
         db.close()
     data = Dataset(data_until=max((r["updated_at"] for r in rows), default=since))
     seen: set[tuple] = set()
-    for example, reason in _examples(rows):
+    for example, reason, rated_at in _examples(rows):
+        new = rated_at > since
+        if not new and not config.include_older and not _is_held_out(example.exchange_id, config.held_out_share):
+            continue
         if reason is None:
             reason = _flagged(example, config.blocklist, classifier)
         key = (example.messages, example.answer.strip(), example.desirable)
@@ -75,24 +81,23 @@ def build_dataset(config: TunerConfig, since: str, classifier: Callable[[Example
             data.dropped[reason] += 1
             continue
         seen.add(key)
-        (data.held_out if _is_held_out(example.exchange_id, config.held_out_share) else data.train).append(example)
+        if not _is_held_out(example.exchange_id, config.held_out_share):
+            data.train.append(example)
+        else:
+            (data.held_out if new else data.history).append(example)
     data.train = _cap_users(data.train, config.max_user_share, data.dropped)
     return data
 
 
 def _examples(rows: list[dict]):
-    """👍 answers and corrections are desirable; 👎 answers undesirable. Yields (example, reason to drop)."""
+    """👍 answers and corrections are desirable; 👎 answers undesirable. Yields (example, reason to drop, time)."""
     for r in rows:
         messages = tuple((m["role"], m["content"]) for m in json.loads(r["messages_json"]))
         make = lambda answer, good: Example(r["id"], messages, answer, good, r["user_id"])  # noqa: E731
         if r["correction"].strip():
-            yield make(r["correction"], True), None
-        if not r["response"].strip():
-            yield make(r["response"], r["rating"] == "up"), "empty"
-        elif r["finish_reason"] != "stop":
-            yield make(r["response"], r["rating"] == "up"), "truncated"
-        else:
-            yield make(r["response"], r["rating"] == "up"), None
+            yield make(r["correction"], True), None, r["updated_at"]
+        reason = "empty" if not r["response"].strip() else "truncated" if r["finish_reason"] != "stop" else None
+        yield make(r["response"], r["rating"] == "up"), reason, r["updated_at"]
 
 
 def _flagged(example: Example, blocklist: tuple[str, ...], classifier) -> str | None:

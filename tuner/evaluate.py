@@ -26,6 +26,8 @@ class Verdict:
     reason: str
     candidate_margin: float
     current_margin: float
+    candidate_history: float
+    current_history: float
     candidate_suite: float
     current_suite: float
     suite_by_check: dict
@@ -68,10 +70,14 @@ def overall(by_check: dict[str, float]) -> float:
 
 
 def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, Path | None],
-          held_out: list[Example]) -> Verdict:
-    """Compares the candidate with the serving adapter (or base) on both gates."""
+          held_out: list[Example], history: list[Example]) -> Verdict:
+    """Compares the candidate with the serving adapter (or base): on new held-out feedback it must do
+    better; on earlier held-out feedback, which poisoned new ratings cannot rewrite, not worse; and
+    on the instruction suite not worse."""
     cand_margin = feedback_margin(config, candidate[1], held_out)
     curr_margin = feedback_margin(config, current[1], held_out)
+    cand_history = feedback_margin(config, candidate[1], history)
+    curr_history = feedback_margin(config, current[1], history)
     cand_suite = asyncio.run(suite_scores(config.target, candidate[0]))
     curr_suite = asyncio.run(suite_scores(config.target, current[0]))
     by_check = {k: {"candidate": cand_suite[k], "current": curr_suite.get(k, 0.0)} for k in cand_suite}
@@ -81,8 +87,12 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
         reason = "no held-out feedback to judge the candidate on"
     elif cand_margin <= curr_margin:
         reason = f"held-out feedback margin {cand_margin:.4f} does not beat the serving {curr_margin:.4f}"
+    elif curr_history - cand_history > config.history_tolerance:
+        reason = (f"contradicts earlier feedback: its margin there falls from {curr_history:.4f} to "
+                  f"{cand_history:.4f} (tolerance {config.history_tolerance})")
     elif drop > config.gate_tolerance:
         reason = f"instruction suite falls by {drop:.3f} (tolerance {config.gate_tolerance})"
     else:
         passed, reason = True, "beats the serving adapter on held-out feedback; no suite regression"
-    return Verdict(passed, reason, cand_margin, curr_margin, overall(cand_suite), overall(curr_suite), by_check)
+    return Verdict(passed, reason, cand_margin, curr_margin, cand_history, curr_history, overall(cand_suite),
+                   overall(curr_suite), by_check)
