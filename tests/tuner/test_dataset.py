@@ -71,3 +71,16 @@ def test_instruction_checks():
     assert passes("one two three", {"type": "max_words", "n": 3}) and not passes("a b c d", {"type": "max_words", "n": 3})
     assert passes("Bye. See you soon.", {"type": "ends_with", "phrase": "See you soon."})
     assert not passes("same\nsame\nsame\n", {"type": "answered"})
+
+
+def test_earlier_held_out_feedback_becomes_history(tmp_path):
+    first = [(f"a{i}", f"Old question {i}?", f"old {i}", "stop", "up", "", f"u{i % 9}") for i in range(100)]
+    config = _store_with(tmp_path, first)
+    config = TunerConfig(**{**config.__dict__, "held_out_share": 0.3})
+    since = build_dataset(config, "").data_until
+    second = [(f"b{i}", f"New question {i}?", f"new {i}", "stop", "down", "", f"u{i % 9}") for i in range(100)]
+    _store_with(tmp_path, second)
+    data = build_dataset(config, since)
+    assert data.history and all(e.exchange_id.startswith("a") for e in data.history)
+    assert data.held_out and all(e.exchange_id.startswith("b") for e in data.held_out)
+    assert all(e.exchange_id.startswith("b") for e in data.train)  # older ratings are not trained on again
