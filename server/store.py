@@ -176,12 +176,6 @@ class Store:
 
         return await self._write(write)
 
-    async def get_exchange(self, response_id: str) -> dict:
-        rows = await self._read(lambda db: list(db["exchanges"].rows_where("id = ?", [response_id])))
-        if not rows:
-            raise NotFound(f"no response with id {response_id!r}")
-        return rows[0]
-
     async def stats(self) -> list[dict]:
         """Exchanges and ratings per adapter version."""
         sql = """
