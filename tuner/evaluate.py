@@ -37,19 +37,24 @@ class Verdict:
 
 
 @torch.no_grad()
-def feedback_margin(config: TunerConfig, adapter: Path | None, held_out: list[Example]) -> float:
-    """Mean per-token log-likelihood of held-out 👍 answers minus that of 👎 answers (higher is better)."""
-    if not held_out:
-        return 0.0
+def feedback_margins(config: TunerConfig, adapter: Path | None, *example_sets: list[Example]) -> list[float]:
+    """For each set: mean per-token log-likelihood of its 👍 answers minus that of its 👎 answers (higher is
+    better; 0 for an empty set). The model is loaded once for all sets."""
+    if not any(example_sets):
+        return [0.0] * len(example_sets)
     device, _ = device_and_dtype()
     tokenizer, model = load_model(config, adapter, trainable=False)
     model.eval()
-    means = {True: [], False: []}
-    for example in held_out:
-        total, count = answer_logprobs(model, [encode(tokenizer, example, config.max_length)], device)[0].tolist()
-        means[example.desirable].append(total / max(count, 1))
-    avg = {k: sum(v) / len(v) if v else 0.0 for k, v in means.items()}
-    return avg[True] - avg[False]
+    margins = []
+    for examples in example_sets:
+        means: dict[bool, list[float]] = {True: [], False: []}
+        for example in examples:
+            batch = [encode(tokenizer, example, config.max_length)]
+            total, count = answer_logprobs(model, batch, device)[0].tolist()
+            means[example.desirable].append(total / max(count, 1))
+        avg = {k: sum(v) / len(v) if v else 0.0 for k, v in means.items()}
+        margins.append(avg[True] - avg[False] if examples else 0.0)
+    return margins
 
 
 async def suite_scores(target: str, version: int, items: list[dict] | None = None) -> dict[str, float]:
@@ -74,10 +79,8 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
     """Compares the candidate with the serving adapter (or base): on new held-out feedback it must do
     better; on earlier held-out feedback, which poisoned new ratings cannot rewrite, not worse; and
     on the instruction suite not worse."""
-    cand_margin = feedback_margin(config, candidate[1], held_out)
-    curr_margin = feedback_margin(config, current[1], held_out)
-    cand_history = feedback_margin(config, candidate[1], history)
-    curr_history = feedback_margin(config, current[1], history)
+    cand_margin, cand_history = feedback_margins(config, candidate[1], held_out, history)
+    curr_margin, curr_history = feedback_margins(config, current[1], held_out, history)
     cand_suite = asyncio.run(suite_scores(config.target, candidate[0]))
     curr_suite = asyncio.run(suite_scores(config.target, current[0]))
     by_check = {k: {"candidate": cand_suite[k], "current": curr_suite.get(k, 0.0)} for k in cand_suite}
