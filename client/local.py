@@ -1,0 +1,78 @@
+"""Runs `instructd serve` (and, if wanted, `instructd tuner`) as child processes on free ports, as an
+operator would: for tests, benchmarks and scripts that need a real server of their own."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+CLI = [sys.executable, "-m", "instructd.client.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """`instructd serve --no-tuner` on free ports with its own data directory; output goes to `log_path`."""
+
+    def __init__(self, data_dir: Path, log_path: Path, *serve_args: str, start_timeout: float = 600) -> None:
+        self.data_dir, self.log_path, self.serve_args = Path(data_dir), Path(log_path), serve_args
+        self.adapter_dir = self.data_dir / "incoming"
+        self.port, self.metrics_port = free_port(), free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [*CLI, "serve", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+               "--data-dir", str(self.data_dir), "--no-tuner", *self.serve_args]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT)
+        self._wait_serving()
+
+    def tuner_command(self, *args: str) -> list[str]:
+        """`instructd tuner` against this server and its data directory."""
+        return [*CLI, "tuner", "--data-dir", str(self.data_dir), "--target", self.target, *args]
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n"
+                                       + self.log_path.read_text()[-3000:])
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2, wait_for_ready=True)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)  # polling another process's readiness: nothing to await across processes
+        raise TimeoutError(f"server not serving after {self.start_timeout}s; log: {self.log_path}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+    def restart(self) -> None:
+        if self.stop() != 0:
+            raise RuntimeError(f"unclean shutdown; log: {self.log_path}")
+        self.start()
+
+    def __enter__(self) -> LocalServer:
+        self.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.stop()
