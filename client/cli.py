@@ -219,7 +219,8 @@ def stats(target) -> None:
               help="The base model folder the server serves (default: the embedded model).")
 @click.option("--objective", type=click.Choice(["sft", "kto"]), default="sft", show_default=True,
               help="sft: learn 👍 answers and corrections; kto: also push away from 👎 answers.")
-@click.option("--steps", default=40, show_default=True, help="Training steps per run.")
+@click.option("--steps", default=60, show_default=True, help="Most training steps per run.")
+@click.option("--epochs", default=3.0, show_default=True, help="Passes over the run's examples (within --steps).")
 @click.option("--learning-rate", default=1e-3, show_default=True)
 @click.option("--rank", default=8, show_default=True, help="LoRA rank of a fresh adapter.")
 @click.option("--min-new-ratings", default=50, show_default=True, help="Start a run after this many new ratings.")
@@ -229,7 +230,7 @@ def stats(target) -> None:
 @click.option("--classifier", default="", help="'module:function' returning True for an example to leave out.")
 @click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
 @TARGET
-def tuner(data_dir, adapter_dir, model, objective, steps, learning_rate, rank, min_new_ratings, period,
+def tuner(data_dir, adapter_dir, model, objective, steps, epochs, learning_rate, rank, min_new_ratings, period,
           include_older, blocklist, classifier, once, target) -> None:
     """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners.
 
@@ -248,7 +249,7 @@ def tuner(data_dir, adapter_dir, model, objective, steps, learning_rate, rank, m
     data_dir = (data_dir or default_home()).resolve()
     config = TunerConfig(data_dir=data_dir, adapter_dir=adapter_dir or data_dir / "incoming",
                          model=model or default_model(default_cache()), target=target, objective=objective,
-                         steps=steps, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
+                         steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
                          min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
                          blocklist=tuple(blocklist))
     run_tuner(config, once=once, classifier=classifier)

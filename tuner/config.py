@@ -28,19 +28,26 @@ class TunerConfig:
     """No single rater may contribute more than this share of the training examples."""
     blocklist: tuple[str, ...] = ()
     """Case-insensitive phrases; an exchange containing one is never trained on."""
-    steps: int = 40
+    steps: int = 60
+    """Most training steps per run."""
+    epochs: float = 3.0
+    """Passes over the training examples, within `steps`: a run on little data stops early instead of
+    memorising it (a handful of ratings, honest or not, should move the model only a little)."""
     batch_size: int = 4
     learning_rate: float = 1e-3
     rank: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    max_length: int = 256
-    """Longest training sequence in tokens (prompt plus answer); longer examples are cut from the left."""
+    max_length: int = 512
+    """Longest training sequence in tokens (prompt plus answer); a longer answer loses its end."""
     kto_beta: float = 0.1
     seed: int = 0
-    history_tolerance: float = 0.01
-    """How far (mean log-likelihood per token) a candidate may fall behind the serving adapter on earlier
-    held-out feedback; poisoned new ratings show up as a fall there."""
+    history_tolerance: float = 0.05
+    """A candidate is rejected when its 👍/👎 margin on earlier held-out feedback (mean log-likelihood per
+    token) falls below the serving adapter's by more than this..."""
+    history_z: float = 2.0
+    """...or by more than this many standard errors of the per-answer differences (a paired test, which sees
+    a small but consistent fall). Poisoned new ratings show up as such a fall; honest ones raise the margin."""
     gate_tolerance: float = 0.05
     """Largest drop of the suite's overall pass rate (mean over instruction types) a candidate may show."""
     min_new_ratings: int = 50
@@ -61,6 +68,8 @@ class TunerConfig:
             raise ValueError("held_out_share must be in [0, 1)")
         if not 0 < self.max_user_share <= 1:
             raise ValueError("max_user_share must be in (0, 1]")
+        if self.epochs <= 0:
+            raise ValueError("epochs must be positive")
         if min(self.steps, self.batch_size, self.rank, self.max_length, self.min_new_ratings) < 1:
             raise ValueError("steps, batch_size, rank, max_length and min_new_ratings must be positive")
         for name in ("data_dir", "adapter_dir", "model"):
@@ -71,6 +80,6 @@ class TunerConfig:
         return self.data_dir / "instructd.db"
 
     def hyperparameters(self) -> dict:
-        keys = ("objective", "steps", "batch_size", "learning_rate", "rank", "lora_alpha", "target_modules",
-                "max_length", "kto_beta", "seed", "held_out_share", "max_user_share", "include_older")
+        keys = ("objective", "steps", "epochs", "batch_size", "learning_rate", "rank", "lora_alpha",
+                "target_modules", "max_length", "kto_beta", "seed", "held_out_share", "max_user_share", "include_older")
         return {k: getattr(self, k) for k in keys}

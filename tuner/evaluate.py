@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Verdict:
     current_margin: float
     candidate_history: float
     current_history: float
+    history_change_se: float
     candidate_suite: float
     current_suite: float
     suite_by_check: dict
@@ -37,24 +39,49 @@ class Verdict:
 
 
 @torch.no_grad()
-def feedback_margins(config: TunerConfig, adapter: Path | None, *example_sets: list[Example]) -> list[float]:
-    """For each set: mean per-token log-likelihood of its 👍 answers minus that of its 👎 answers (higher is
-    better; 0 for an empty set). The model is loaded once for all sets."""
-    if not any(example_sets):
-        return [0.0] * len(example_sets)
+def answer_scores(config: TunerConfig, adapter: Path | None, examples: list[Example], batch: int = 8) -> list[float]:
+    """Mean per-token log-likelihood of each example's answer under the base with `adapter` on top."""
+    if not examples:
+        return []
     device, _ = device_and_dtype()
     tokenizer, model = load_model(config, adapter, trainable=False)
     model.eval()
-    margins = []
-    for examples in example_sets:
-        means: dict[bool, list[float]] = {True: [], False: []}
-        for example in examples:
-            batch = [encode(tokenizer, example, config.max_length)]
-            total, count = answer_logprobs(model, batch, device)[0].tolist()
-            means[example.desirable].append(total / max(count, 1))
-        avg = {k: sum(v) / len(v) if v else 0.0 for k, v in means.items()}
-        margins.append(avg[True] - avg[False] if examples else 0.0)
-    return margins
+    encoded = [encode(tokenizer, e, config.max_length) for e in examples]
+    scores = []
+    for i in range(0, len(encoded), batch):
+        sums = answer_logprobs(model, encoded[i:i + batch], device)
+        scores += (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
+    return scores
+
+
+def margin(examples: list[Example], scores: list[float]) -> float:
+    """Mean score of the 👍 answers minus that of the 👎 answers (a missing side counts 0)."""
+    up = [s for e, s in zip(examples, scores) if e.desirable]
+    down = [s for e, s in zip(examples, scores) if not e.desirable]
+    return _mean(up) - _mean(down)
+
+
+def margin_change(examples: list[Example], candidate: list[float], current: list[float]) -> tuple[float, float]:
+    """How much the candidate widens the 👍/👎 margin over the current model, and the standard error of that,
+    from per-example differences (paired: each answer is scored by both)."""
+    diffs = {good: [c - p for e, c, p in zip(examples, candidate, current) if e.desirable == good]
+             for good in (True, False)}
+    change = _mean(diffs[True]) - _mean(diffs[False])
+    return change, math.sqrt(sum(_variance(d) / len(d) for d in diffs.values() if len(d) > 1))
+
+
+def contradicts(change: float, se: float, config: TunerConfig) -> bool:
+    """Whether a fall of the margin on earlier feedback rejects a candidate: too large, or clearly not noise."""
+    return change < -config.history_tolerance or change + config.history_z * se < 0
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _variance(values: list[float]) -> float:
+    m = _mean(values)
+    return sum((v - m) ** 2 for v in values) / (len(values) - 1)
 
 
 async def suite_scores(target: str, version: int, items: list[dict] | None = None) -> dict[str, float]:
@@ -77,10 +104,15 @@ def overall(by_check: dict[str, float]) -> float:
 def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, Path | None],
           held_out: list[Example], history: list[Example]) -> Verdict:
     """Compares the candidate with the serving adapter (or base): on new held-out feedback it must do
-    better; on earlier held-out feedback, which poisoned new ratings cannot rewrite, not worse; and
-    on the instruction suite not worse."""
-    cand_margin, cand_history = feedback_margins(config, candidate[1], held_out, history)
-    curr_margin, curr_history = feedback_margins(config, current[1], held_out, history)
+    better; on earlier held-out feedback, which poisoned new ratings cannot rewrite, not significantly
+    worse; and on the instruction suite not worse."""
+    examples = held_out + history
+    cand_scores = answer_scores(config, candidate[1], examples)
+    curr_scores = answer_scores(config, current[1], examples)
+    new, old = slice(0, len(held_out)), slice(len(held_out), None)
+    cand_margin, curr_margin = margin(held_out, cand_scores[new]), margin(held_out, curr_scores[new])
+    cand_history, curr_history = margin(history, cand_scores[old]), margin(history, curr_scores[old])
+    history_change, history_se = margin_change(history, cand_scores[old], curr_scores[old])
     cand_suite = asyncio.run(suite_scores(config.target, candidate[0]))
     curr_suite = asyncio.run(suite_scores(config.target, current[0]))
     by_check = {k: {"candidate": cand_suite[k], "current": curr_suite.get(k, 0.0)} for k in cand_suite}
@@ -90,12 +122,13 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
         reason = "no held-out feedback to judge the candidate on"
     elif cand_margin <= curr_margin:
         reason = f"held-out feedback margin {cand_margin:.4f} does not beat the serving {curr_margin:.4f}"
-    elif curr_history - cand_history > config.history_tolerance:
+    elif contradicts(history_change, history_se, config):
         reason = (f"contradicts earlier feedback: its margin there falls from {curr_history:.4f} to "
-                  f"{cand_history:.4f} (tolerance {config.history_tolerance})")
+                  f"{cand_history:.4f}, {-history_change / max(history_se, 1e-12):.1f} standard errors "
+                  f"(limits: {config.history_tolerance} or {config.history_z} standard errors)")
     elif drop > config.gate_tolerance:
         reason = f"instruction suite falls by {drop:.3f} (tolerance {config.gate_tolerance})"
     else:
         passed, reason = True, "beats the serving adapter on held-out feedback; no suite regression"
-    return Verdict(passed, reason, cand_margin, curr_margin, cand_history, curr_history, overall(cand_suite),
-                   overall(curr_suite), by_check)
+    return Verdict(passed, reason, cand_margin, curr_margin, cand_history, curr_history, history_se,
+                   overall(cand_suite), overall(curr_suite), by_check)

@@ -8,6 +8,7 @@ and KTO there needs a second reference model; here the reference is the same wei
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -30,13 +31,25 @@ class TrainResult:
     seconds_per_step: float
     examples: int
     device: str
+    steps: int
 
 
 def device_and_dtype() -> tuple[str, torch.dtype]:
-    """GPU: bf16. CPU: fp32 (bf16 is faster there but its rounding shows at this learning rate)."""
+    """GPU: bf16 weights. CPU: fp32 weights (bf16 weights round away small LoRA updates)."""
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16
     return "cpu", torch.float32
+
+
+def cpu_autocast(device: str):
+    """On a CPU with bf16 support, compute in bf16 while the weights stay fp32: about twice as fast."""
+    enabled = device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def planned_steps(config: TunerConfig, examples: int) -> int:
+    """`epochs` passes over the examples, at most `steps`, at least one."""
+    return max(1, min(config.steps, math.ceil(config.epochs * examples / config.batch_size)))
 
 
 def load_model(config: TunerConfig, adapter: Path | None, trainable: bool):
@@ -57,14 +70,16 @@ def load_model(config: TunerConfig, adapter: Path | None, trainable: bool):
 
 
 def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
-    """Prompt+answer token ids and labels that mask the prompt; cut from the left to max_length."""
+    """Prompt+answer token ids and labels that mask the prompt, at most max_length of them: a long answer
+    loses its end (the instruction must stay in view); a prompt longer than half the window loses its start."""
     prompt = tokenizer.apply_chat_template(example.chat, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(example.chat + [{"role": "assistant", "content": example.answer}],
                                          tokenize=False)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     ids = tokenizer.encode(full, add_special_tokens=False)
     labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
-    return ids[-max_length:], labels[-max_length:]
+    start = len(prompt_ids) - min(len(prompt_ids), max_length // 2) if len(ids) > max_length else 0
+    return ids[start:start + max_length], labels[start:start + max_length]
 
 
 def answer_logprobs(model, batch: list[tuple[list[int], list[int]]], device: str) -> torch.Tensor:
@@ -96,20 +111,21 @@ def train_adapter(config: TunerConfig, examples: list[Example], out_dir: Path, p
     # KTO weights so that desirable and undesirable examples count alike, however unbalanced.
     w_good, w_bad = len(encoded) / (2 * max(n_good, 1)), len(encoded) / (2 * max(len(encoded) - n_good, 1))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    order = list(range(len(encoded)))
+    order, steps = list(range(len(encoded))), planned_steps(config, len(encoded))
     model.train()
     started, loss_value = time.perf_counter(), float("nan")
-    bar = tqdm(range(config.steps), desc=f"training ({config.objective}, {device})", unit="step")
+    bar = tqdm(range(steps), desc=f"training ({config.objective}, {device})", unit="step")
     for step in bar:
         if step * config.batch_size % len(order) < config.batch_size:
             random.shuffle(order)
         picks = [encoded[order[(step * config.batch_size + i) % len(order)]] for i in range(config.batch_size)]
         batch, good = [p[0] for p in picks], torch.tensor([p[1] for p in picks], device=device)
-        if config.objective == "sft":
-            sums = answer_logprobs(model, batch, device)
-            loss = -(sums[:, 0].sum() / sums[:, 1].sum())
-        else:
-            loss = _kto_loss(model, batch, good, config.kto_beta, w_good, w_bad, device)
+        with cpu_autocast(device):
+            if config.objective == "sft":
+                sums = answer_logprobs(model, batch, device)
+                loss = -(sums[:, 0].sum() / sums[:, 1].sum())
+            else:
+                loss = _kto_loss(model, batch, good, config.kto_beta, w_good, w_bad, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -117,8 +133,8 @@ def train_adapter(config: TunerConfig, examples: list[Example], out_dir: Path, p
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if progress:
-            progress(step + 1, config.steps, loss_value)
-    result = TrainResult(loss_value, (time.perf_counter() - started) / config.steps, len(encoded), device)
+            progress(step + 1, steps, loss_value)
+    result = TrainResult(loss_value, (time.perf_counter() - started) / steps, len(encoded), device, steps)
     model.save_pretrained(out_dir)
     record = {"hyperparameters": config.hyperparameters(), "result": asdict(result),
               "exchange_ids": sorted({e.exchange_id for e in examples}), **(metadata or {})}

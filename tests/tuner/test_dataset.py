@@ -68,7 +68,8 @@ def test_one_rater_cannot_dominate(tmp_path):
 def test_instruction_checks():
     assert passes("all small here.", {"type": "lowercase"}) and not passes("Not so.", {"type": "lowercase"})
     assert passes("Pacific", {"type": "one_word"}) and not passes("The Pacific", {"type": "one_word"})
-    assert passes("one two three", {"type": "max_words", "n": 3}) and not passes("a b c d", {"type": "max_words", "n": 3})
+    assert passes("one two three", {"type": "max_words", "n": 3})
+    assert not passes("a b c d", {"type": "max_words", "n": 3})
     assert passes("Bye. See you soon.", {"type": "ends_with", "phrase": "See you soon."})
     assert not passes("same\nsame\nsame\n", {"type": "answered"})
 

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 
 import pytest
 
 from examples.simulate_users import follow_rate, simulate
 from instructd.client import Client
+from instructd.client.local import CLI
 
 from ..conftest import ServerProcess
 
-CLI = [sys.executable, "-m", "instructd.client.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +38,9 @@ def base_rate(loop_server):
     return asyncio.run(follow_rate(loop_server.target, "base"))
 
 
-def tuner(server: ServerProcess, *args: str) -> list[str]:
-    return [*CLI, "tuner", "--data-dir", str(server.data_dir), "--target", server.target, *args]
-
-
 def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, base_rate):
     asyncio.run(simulate(loop_server.target, count=100, correction_share=0.5, poisoned=False, seed=0))
-    subprocess.run(tuner(loop_server, "--once"), check=True, timeout=1200)
+    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200)
 
     run = loop_client.tuning_status().runs[0]
     assert (run.status, run.trigger) == ("promoted", "requested"), run.detail
@@ -75,8 +70,8 @@ def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_c
     asyncio.run(simulate(loop_server.target, count=80, correction_share=0.0, poisoned=True, seed=1))
     before = loop_client.adapters()
     loop_client.trigger_tuning()
-    proc = subprocess.Popen(tuner(loop_server, "--steps", "1000"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(loop_server.tuner_command("--steps", "1000", "--epochs", "1000"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -94,7 +89,7 @@ def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_c
 
 
 def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client):
-    subprocess.run(tuner(loop_server, "--once"), check=True, timeout=1200)
+    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200)
 
     runs = loop_client.tuning_status().runs
     latest, killed = runs[0], runs[1]
@@ -109,8 +104,6 @@ def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client):
     assert loop_server.metrics()[f'instructd_tuning_runs_total{{outcome="{latest.status}"}}'] == 1
 
 
-@pytest.mark.skip(reason="the gate does not yet reject poisoned feedback reliably: in one CI run the suite caught "
-                         "it, in another the poisoned candidate was promoted (issue 3 stays open for this)")
 def test_the_gate_rejects_poisoned_feedback(loop_server, loop_client):
     status = loop_client.tuning_status().runs[0]  # the run on the poisoned ratings above
     assert status.status == "rejected", status.detail
