@@ -123,7 +123,8 @@ def train_adapter(config: TunerConfig, examples: list[Example], out_dir: Path, p
         with cpu_autocast(device):
             if config.objective == "sft":
                 sums = answer_logprobs(model, batch, device)
-                loss = -(sums[:, 0].sum() / sums[:, 1].sum())
+                # Each answer weighs the same, however long: a short answer's ending counts as much as a long one's.
+                loss = -(sums[:, 0] / sums[:, 1].clamp(min=1)).mean()
             else:
                 loss = _kto_loss(model, batch, good, config.kto_beta, w_good, w_bad, device)
         loss.backward()

@@ -1,0 +1,280 @@
+"""The closed loop, measured: simulated users send instructions with verifiable constraints to a fresh
+instructd, rate every answer by IFEval's checkers (👍 only if all constraints are followed, sometimes
+with a mechanically corrected answer), the service's own tuner learns from those ratings, and after
+every cycle held-out prompts measure strict accuracy on rated types, on types no user ever rated, and
+the quality of plain answers. Everything goes through the public gRPC API.
+
+\b
+Example:
+    .venv/bin/python -m benchmarks.loop            # full run (3 cycles), about 30-45 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.loop --quick    # smoke run (1 cycle, few prompts), under 10 min
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from instructd.client import AsyncClient, Client
+from instructd.client.local import LocalServer
+
+from .ifeval import Judge, Prompt
+from .report import write_report
+from .tasks import HELD_OUT, PLAIN, TRAFFIC
+
+# Users rate answers to these instruction types...
+RATED = ("change_case:english_lowercase", "change_case:english_capital", "punctuation:no_comma",
+         "startend:end_checker", "detectable_format:json_format", "combination:repeat_prompt", "keywords:existence")
+# ...and never see these: accuracy on them measures zero-shot generalisation.
+UNRATED = ("startend:quotation", "detectable_content:postscript", "detectable_format:constrained_response",
+           "detectable_format:number_bullet_lists", "keywords:frequency", "length_constraints:number_paragraphs")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    cycles: int = 3
+    traffic: int = 240
+    """Rated exchanges per cycle."""
+    held_out_per_type: int = 6
+    """Measured prompts per instruction type (rated and unrated), from tasks never sent as traffic."""
+    plain: int = len(PLAIN)
+    two_instruction_share: float = 0.3
+    """Share of prompts that carry two instructions instead of one."""
+    correction_share: float = 0.5
+    """Share of 👎 answers for which the user writes a corrected answer (when one can be made mechanically)."""
+    users: int = 20
+    temperature: float = 0.7
+    """Sampling of served answers during traffic (measurement is greedy)."""
+    max_tokens: int = 320
+    plain_max_tokens: int = 1024
+    """Room for a complete answer to a plain instruction (one that does not stop by then counts as failed)."""
+    tuner_args: tuple[str, ...] = ()
+    """Extra `instructd tuner` options (the defaults are the tuner's own)."""
+    seed: int = 0
+    quick: bool = False
+
+
+QUICK = LoopConfig(cycles=1, traffic=60, held_out_per_type=2, plain=8, tuner_args=("--steps", "10"), quick=True)
+
+
+class Loop:
+    def __init__(self, config: LoopConfig, server: LocalServer, judge: Judge, rated: tuple, unrated: tuple) -> None:
+        self.config, self.server, self.judge = config, server, judge
+        self.rated, self.unrated = rated, unrated
+        rng = random.Random(config.seed)
+        self.measure_rated = self._prompts(HELD_OUT, rated, len(rated) * config.held_out_per_type, rng)
+        self.measure_unrated = self._prompts(HELD_OUT, unrated, len(unrated) * config.held_out_per_type, rng)
+        self.measure_plain = PLAIN[: config.plain]
+        self.rng = rng
+
+    def _prompts(self, tasks: list[str], types: tuple, count: int, rng: random.Random) -> list[Prompt]:
+        """`count` prompts; every type leads equally often; some carry a second, compatible type."""
+        prompts = []
+        for i in range(count):
+            chosen = [types[i % len(types)]]
+            if rng.random() < self.config.two_instruction_share:
+                compatible = [t for t in types if not self._conflict(chosen[0], t)]
+                if compatible:
+                    chosen.append(rng.choice(compatible))
+            prompts.append(self.judge.compose(rng.choice(tasks), tuple(chosen), rng))
+        return prompts
+
+    def _conflict(self, a: str, b: str) -> bool:
+        conflicts = self.judge.registry.INSTRUCTION_CONFLICTS
+        return a == b or b in conflicts.get(a, ()) or a in conflicts.get(b, ())
+
+    async def traffic(self, cycle: int) -> dict:
+        """Users ask, read, rate; returns tallies."""
+        c = self.config
+        prompts = self._prompts(TRAFFIC, self.rated, c.traffic, self.rng)
+        tally = {"exchanges": 0, "up": 0, "down": 0, "corrections": 0}
+        async with AsyncClient(self.server.target, app_id="bench-users") as client:
+            async def one(i: int, prompt: Prompt) -> None:
+                user = f"user{self.rng.randrange(c.users)}"
+                answer = await client.generate(prompt.text, temperature=c.temperature, max_tokens=c.max_tokens,
+                                               seed=c.seed * 100_003 + cycle * 10_007 + i, user_id=user)
+                good = all(self.judge.followed(prompt, answer.text))
+                correction = None
+                if not good and answer.finish_reason == "stop" and self.rng.random() < c.correction_share:
+                    correction = self.judge.correct(prompt, answer.text)
+                await client.feedback(answer.response_id, "up" if good else "down", correction=correction or "",
+                                      user_id=user)
+                tally["exchanges"] += 1
+                tally["up" if good else "down"] += 1
+                tally["corrections"] += correction is not None
+                bar.update()
+
+            with tqdm(total=len(prompts), desc=f"cycle {cycle}: users ask and rate", unit="answer") as bar:
+                await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        return tally
+
+    async def measure(self, label: str, base_plain: list[str] | None = None) -> dict:
+        """Greedy answers from the serving version to every held-out prompt, judged."""
+        c = self.config
+        prompts = self.measure_rated + self.measure_unrated
+        plain_tasks = [task for task, _ in self.measure_plain]
+        async with AsyncClient(self.server.target, app_id="bench-measure") as client:
+            with tqdm(total=len(prompts) + len(plain_tasks), desc=f"{label}: measuring", unit="answer") as bar:
+                async def ask(text: str, max_tokens: int):
+                    answer = await client.generate(text, temperature=0, max_tokens=max_tokens)
+                    bar.update()
+                    return answer
+                answers = await asyncio.gather(*(ask(p.text, c.max_tokens) for p in prompts),
+                                               *(ask(t, c.plain_max_tokens) for t in plain_tasks))
+        versions = {a.adapter_version for a in answers}
+        judged = [all(self.judge.followed(p, a.text)) for p, a in zip(prompts, answers)]
+        rated, unrated = judged[: len(self.measure_rated)], judged[len(self.measure_rated):]
+        plain_answers = answers[len(prompts):]
+        plain_ok = [plain_quality(a.text, a.finish_reason, keyword) for a, (_, keyword) in
+                    zip(plain_answers, self.measure_plain)]
+        return {
+            "adapter_versions": sorted(versions),
+            "rated": _share(rated), "unrated": _share(unrated), "plain": _share(plain_ok),
+            "rated_by_type": _by_type(self.measure_rated, rated),
+            "unrated_by_type": _by_type(self.measure_unrated, unrated),
+            "plain_same_as_base": (_share([a.text.strip() == b.strip() for a, b in zip(plain_answers, base_plain)])
+                                   if base_plain else 1.0),
+            "plain_answers": [a.text for a in plain_answers],
+            "samples": [{"prompt": p.text, "answer": a.text, "followed": j}
+                        for p, a, j in list(zip(prompts, answers, judged))[:: max(1, len(prompts) // 12)]],
+        }
+
+
+def plain_quality(text: str, finish_reason: str, keyword: str) -> bool:
+    """A plain instruction is answered well enough if the answer is complete (the model stopped by itself),
+    on topic (it names the task's subject), and not degenerate (no sentence repeated three times)."""
+    sentences = [s.strip().lower() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+    looping = max((sentences.count(s) for s in sentences), default=0) >= 3
+    return finish_reason == "stop" and keyword.lower() in text.lower() and len(text.split()) >= 10 and not looping
+
+
+def _share(values: list[bool]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _by_type(prompts: list[Prompt], judged: list[bool]) -> dict[str, float]:
+    """Strict accuracy of the prompts whose first (leading) instruction is each type."""
+    groups: dict[str, list[bool]] = {}
+    for p, ok in zip(prompts, judged):
+        groups.setdefault(p.types[0], []).append(ok)
+    return {t: _share(v) for t, v in sorted(groups.items())}
+
+
+def wait_for_run(client: Client, after_id: int, timeout: float) -> dict:
+    """Polls the tuner's status (it runs in another process) until the run after `after_id` ends."""
+    deadline, bar = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        runs = [r for r in client.tuning_status(limit=3).runs if r.id > after_id]
+        if runs:
+            run = runs[-1]
+            if bar is None:
+                bar = tqdm(total=run.total_steps or None, desc=f"tuning run {run.id}", unit="step")
+            bar.total, bar.n = run.total_steps or bar.total, run.step
+            bar.set_postfix_str(run.status)
+            bar.refresh()
+            if run.status != "running":
+                bar.close()
+                verdict = run.detail.get("verdict", {})
+                return {"run_id": run.id, "outcome": run.status, "candidate_version": run.candidate_version,
+                        "examples": run.examples, "final_loss": run.loss, "reason": verdict.get("reason") or
+                        run.detail.get("reason") or run.detail.get("error", ""), "verdict": verdict,
+                        "data": run.detail.get("data", {}), "train": run.detail.get("train", {})}
+        time.sleep(2)  # the tuner is another process: poll its status
+    raise TimeoutError(f"no tuning run finished within {timeout:.0f}s")
+
+
+def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
+    started = time.monotonic()
+    judge = Judge()
+    missing = judge.unavailable()
+    rated = tuple(t for t in RATED if t not in missing)
+    unrated = tuple(t for t in UNRATED if t not in missing)
+    server = LocalServer(work_dir / "data", work_dir / "server.log")
+    tuner_log = open(work_dir / "tuner.log", "a")
+    result: dict = {"config": {**asdict(config), "rated_types": rated, "unrated_types": unrated},
+                    "unavailable_types": missing, "environment": _environment(), "cycles": []}
+    with server:
+        tuner = subprocess.Popen(server.tuner_command("--min-new-ratings", "1000000000", *config.tuner_args),
+                                 stdout=tuner_log, stderr=subprocess.STDOUT)
+        try:
+            loop = Loop(config, server, judge, rated, unrated)
+            base = asyncio.run(loop.measure("base"))
+            result["cycles"].append({"cycle": 0, "serving": 0, "measure": base, "seconds": time.monotonic() - started})
+            with Client(server.target, app_id="bench") as client:
+                for cycle in range(1, config.cycles + 1):
+                    t0 = time.monotonic()
+                    tally = asyncio.run(loop.traffic(cycle))
+                    last = max((r.id for r in client.tuning_status(limit=1).runs), default=0)
+                    client.trigger_tuning()
+                    run = wait_for_run(client, last, timeout=3600)
+                    _, serving = client.adapters()
+                    measured = asyncio.run(loop.measure(f"cycle {cycle}", base["plain_answers"]))
+                    result["cycles"].append({"cycle": cycle, "serving": serving, "traffic": tally, "run": run,
+                                             "measure": measured, "seconds": time.monotonic() - t0})
+                    click.echo(f"cycle {cycle}: run {run['outcome']} ({run['reason']}); serving v{serving}; "
+                               f"rated {measured['rated']:.0%} unrated {measured['unrated']:.0%} "
+                               f"plain {measured['plain']:.0%}")
+                stats = client.stats()
+                result["live_up_rate"] = [{"adapter_version": a.adapter_version, "exchanges": a.exchanges,
+                                           "up": a.ratings_up, "down": a.ratings_down, "up_rate": a.up_rate}
+                                          for a in stats.adapters]
+        finally:
+            tuner.terminate()
+            tuner.wait(timeout=60)
+    result["minutes"] = (time.monotonic() - started) / 60
+    return write_report(result, out_dir)
+
+
+def _environment() -> dict:
+    import torch
+    import vllm
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "vllm": vllm.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+@click.command(help=__doc__)
+@click.option("--quick", is_flag=True, help="Smoke run: one cycle, few prompts, a short training run.")
+@click.option("--cycles", type=int, help="Tuning cycles (default 3; 1 with --quick).")
+@click.option("--traffic", type=int, help="Rated exchanges per cycle (default 240; 60 with --quick).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
+              show_default=True, help="Where loop-<date>.json, .png and .md are written.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The service's data directory and logs (default: a fresh temporary folder, removed after).")
+@click.option("--tuner-arg", multiple=True, help="Extra `instructd tuner` option, e.g. --tuner-arg=--steps=60.")
+@click.option("--seed", default=0, show_default=True)
+def main(quick, cycles, traffic, out, work_dir, tuner_arg, seed) -> None:
+    config = QUICK if quick else LoopConfig()
+    changes = {k: v for k, v in {"cycles": cycles, "traffic": traffic, "seed": seed}.items() if v is not None}
+    if tuner_arg:
+        changes["tuner_args"] = (*config.tuner_args, *tuner_arg)
+    config = LoopConfig(**{**asdict(config), **changes})
+    if work_dir:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        path = run_loop(config, out, work_dir.resolve())
+    else:
+        temp = Path(tempfile.mkdtemp(prefix="instructd-bench-"))
+        try:
+            path = run_loop(config, out, temp)
+        except BaseException:
+            click.echo(f"benchmark failed; the service's logs are kept in {temp}", err=True)
+            raise
+        shutil.rmtree(temp, ignore_errors=True)
+    click.echo(f"report: {path.with_suffix('.md')}\n" + path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
