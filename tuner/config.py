@@ -42,6 +42,9 @@ class TunerConfig:
     """Longest training sequence in tokens (prompt plus answer); a longer answer loses its end."""
     kto_beta: float = 0.1
     seed: int = 0
+    improvement_z: float = 1.0
+    """The candidate must widen the 👍/👎 margin on new held-out feedback by more than this many standard errors
+    of the per-answer differences: a run that barely moved the model (a few examples) is not promoted."""
     history_tolerance: float = 0.05
     """A candidate is rejected when its 👍/👎 margin on earlier held-out feedback (mean log-likelihood per
     token) falls below the serving adapter's by more than this..."""

@@ -29,6 +29,7 @@ class Verdict:
     current_margin: float
     candidate_history: float
     current_history: float
+    margin_change_se: float
     history_change_se: float
     candidate_suite: float
     current_suite: float
@@ -112,6 +113,7 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
     new, old = slice(0, len(held_out)), slice(len(held_out), None)
     cand_margin, curr_margin = margin(held_out, cand_scores[new]), margin(held_out, curr_scores[new])
     cand_history, curr_history = margin(history, cand_scores[old]), margin(history, curr_scores[old])
+    change, change_se = margin_change(held_out, cand_scores[new], curr_scores[new])
     history_change, history_se = margin_change(history, cand_scores[old], curr_scores[old])
     cand_suite = asyncio.run(suite_scores(config.target, candidate[0]))
     curr_suite = asyncio.run(suite_scores(config.target, current[0]))
@@ -120,8 +122,9 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
     passed = False
     if not held_out:
         reason = "no held-out feedback to judge the candidate on"
-    elif cand_margin <= curr_margin:
-        reason = f"held-out feedback margin {cand_margin:.4f} does not beat the serving {curr_margin:.4f}"
+    elif change - config.improvement_z * change_se <= 0:
+        reason = (f"held-out feedback margin {cand_margin:.4f} does not beat the serving {curr_margin:.4f} by "
+                  f"{config.improvement_z} standard error(s) ({change_se:.4f})")
     elif contradicts(history_change, history_se, config):
         reason = (f"contradicts earlier feedback: its margin there falls from {curr_history:.4f} to "
                   f"{cand_history:.4f}, {-history_change / max(history_se, 1e-12):.1f} standard errors "
@@ -130,5 +133,5 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
         reason = f"instruction suite falls by {drop:.3f} (tolerance {config.gate_tolerance})"
     else:
         passed, reason = True, "beats the serving adapter on held-out feedback; no suite regression"
-    return Verdict(passed, reason, cand_margin, curr_margin, cand_history, curr_history, history_se,
+    return Verdict(passed, reason, cand_margin, curr_margin, cand_history, curr_history, change_se, history_se,
                    overall(cand_suite), overall(curr_suite), by_check)
