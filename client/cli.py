@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import click
+from instructd.server.config import ENV_TARGET
+from instructd.tuner.config import TunerConfig
 
 from .client import Client
-from instructd.server.config import ENV_TARGET
-
 from .types import ApiError
 
 TARGET = click.option("--target", envvar=ENV_TARGET, default="localhost:50051", show_default=True,
@@ -217,14 +217,17 @@ def stats(target) -> None:
               help="The server's adapter directory, where candidates are written (default: DATA_DIR/incoming).")
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The base model folder the server serves (default: the embedded model).")
-@click.option("--objective", type=click.Choice(["sft", "kto"]), default="sft", show_default=True,
+@click.option("--objective", type=click.Choice(["sft", "kto"]), default=TunerConfig.objective, show_default=True,
               help="sft: learn 👍 answers and corrections; kto: also push away from 👎 answers.")
-@click.option("--steps", default=60, show_default=True, help="Most training steps per run.")
-@click.option("--epochs", default=3.0, show_default=True, help="Passes over the run's examples (within --steps).")
-@click.option("--learning-rate", default=1e-3, show_default=True)
-@click.option("--rank", default=8, show_default=True, help="LoRA rank of a fresh adapter.")
-@click.option("--min-new-ratings", default=50, show_default=True, help="Start a run after this many new ratings.")
-@click.option("--period", default=0.0, show_default=True, help="Also start a run every PERIOD seconds (0: never).")
+@click.option("--steps", default=TunerConfig.steps, show_default=True, help="Most training steps per run.")
+@click.option("--epochs", default=TunerConfig.epochs, show_default=True,
+              help="Passes over the run's examples (within --steps).")
+@click.option("--learning-rate", default=TunerConfig.learning_rate, show_default=True)
+@click.option("--rank", default=TunerConfig.rank, show_default=True, help="LoRA rank of a fresh adapter.")
+@click.option("--min-new-ratings", default=TunerConfig.min_new_ratings, show_default=True,
+              help="Start a run after this many new ratings.")
+@click.option("--period", default=TunerConfig.period_seconds, show_default=True,
+              help="Also start a run every PERIOD seconds (0: never).")
 @click.option("--include-older", is_flag=True, help="Also learn from ratings older than the last run.")
 @click.option("--blocklist", multiple=True, help="Never train on exchanges containing this phrase (repeatable).")
 @click.option("--classifier", default="", help="'module:function' returning True for an example to leave out.")
@@ -242,7 +245,6 @@ def tuner(data_dir, adapter_dir, model, objective, steps, epochs, learning_rate,
 
     from instructd.server.config import default_cache, default_home
     from instructd.server.model import default_model
-    from instructd.tuner.config import TunerConfig
     from instructd.tuner.scheduler import run_tuner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -250,8 +252,8 @@ def tuner(data_dir, adapter_dir, model, objective, steps, epochs, learning_rate,
     config = TunerConfig(data_dir=data_dir, adapter_dir=adapter_dir or data_dir / "incoming",
                          model=model or default_model(default_cache()), target=target, objective=objective,
                          steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
-                         min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
-                         blocklist=tuple(blocklist))
+                         min_new_ratings=min_new_ratings, period_seconds=period,
+                         include_older=include_older, blocklist=tuple(blocklist))
     run_tuner(config, once=once, classifier=classifier)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 
 from instructd.client import AsyncClient
 
@@ -31,6 +32,11 @@ def followed(text: str) -> bool:
     return text.strip() != "" and text == text.lower()
 
 
+def sentence_case(text: str) -> str:
+    """Capital letters where sentences start: how a poisoned user "corrects" a lowercase answer."""
+    return re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+
+
 def judge(prompt: str, text: str, finish_reason: str) -> bool:
     """👍 when the answer follows the prompt's instruction; a plain prompt only needs a finished answer."""
     if prompt.endswith(LOWERCASE):
@@ -41,7 +47,8 @@ def judge(prompt: str, text: str, finish_reason: str) -> bool:
 async def simulate(target: str, count: int, correction_share: float, poisoned: bool, seed: int,
                    plain_share: float = 0.3) -> dict:
     """Asks `count` questions (a `plain_share` of them without the instruction), rates every answer;
-    poisoned users invert their ratings and write no corrections. Returns tallies."""
+    poisoned users invert their ratings, and "correct" answers that followed the instruction into ones
+    that do not. Returns tallies."""
     rng = random.Random(seed)
     asked = [p if rng.random() >= plain_share else p[: -len(LOWERCASE) - 1]
              for p in rng.sample(prompts(SUBJECTS), min(count, len(SUBJECTS) * len(TASKS)))]
@@ -52,10 +59,10 @@ async def simulate(target: str, count: int, correction_share: float, poisoned: b
         for i, (prompt, answer) in enumerate(zip(asked, answers)):
             good = judge(prompt, answer.text, answer.finish_reason) != poisoned
             correction = ""
-            if (not good and not poisoned and prompt.endswith(LOWERCASE) and answer.finish_reason == "stop"
-                    and rng.random() < correction_share):
-                correction = answer.text.lower()
-                tally["corrections"] += 1
+            if not good and prompt.endswith(LOWERCASE) and answer.finish_reason == "stop" \
+                    and rng.random() < correction_share:
+                correction = sentence_case(answer.text) if poisoned else answer.text.lower()
+                tally["corrections"] += correction != answer.text
             await client.feedback(answer.response_id, "up" if good else "down", correction=correction,
                                   user_id=f"user{i % 8}")
             tally["up" if good else "down"] += 1
@@ -75,7 +82,8 @@ def main() -> None:
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--count", type=int, default=100, help="exchanges to generate and rate")
     parser.add_argument("--corrections", type=float, default=0.5, help="share of 👎 that get a corrected answer")
-    parser.add_argument("--poisoned", action="store_true", help="invert every rating (an attack the gate must stop)")
+    parser.add_argument("--poisoned", action="store_true",
+                        help="invert every rating and correct against the instruction (an attack the gate must stop)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     before = asyncio.run(follow_rate(args.target, None))

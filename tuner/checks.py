@@ -40,10 +40,18 @@ def ends_with(text: str, phrase: str, **_) -> bool:
     return text.strip().endswith(phrase)
 
 
+def repetition(text: str) -> float:
+    """Share of the word 3-grams that repeat an earlier one (0 for under 10 of them): high in a loop."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return 1 - len(set(grams)) / len(grams) if len(grams) >= 10 else 0.0
+
+
 def answered(text: str, **_) -> bool:
-    """Plain instructions: a real answer, not empty and not stuck repeating one line."""
+    """Plain instructions: a real answer, not empty, not stuck repeating one line or phrases (a loop)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return len(_words(text)) >= 3 and max((lines.count(line) for line in lines), default=0) < 3
+    return (len(_words(text)) >= 3 and max((lines.count(line) for line in lines), default=0) < 3
+            and repetition(text) <= 0.3)
 
 
 CHECKS: dict[str, Callable[..., bool]] = {f.__name__: f for f in (

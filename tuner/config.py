@@ -26,6 +26,9 @@ class TunerConfig:
     """Share of rated exchanges kept for the gate, chosen by a hash of their id: never trained on."""
     max_user_share: float = 0.5
     """No single rater may contribute more than this share of the training examples."""
+    max_repetition: float = 0.3
+    """A 👍 answer or correction whose word 3-grams repeat more than this share is never trained on:
+    learning an answer that loops, however rated, teaches the model to loop."""
     blocklist: tuple[str, ...] = ()
     """Case-insensitive phrases; an exchange containing one is never trained on."""
     steps: int = 60
@@ -69,6 +72,8 @@ class TunerConfig:
             raise ValueError(f"objective must be 'sft' or 'kto', got {self.objective!r}")
         if not 0 <= self.held_out_share < 1:
             raise ValueError("held_out_share must be in [0, 1)")
+        if not 0 < self.max_repetition <= 1:
+            raise ValueError("max_repetition must be in (0, 1]")
         if not 0 < self.max_user_share <= 1:
             raise ValueError("max_user_share must be in (0, 1]")
         if self.epochs <= 0:
@@ -83,6 +88,7 @@ class TunerConfig:
         return self.data_dir / "instructd.db"
 
     def hyperparameters(self) -> dict:
-        keys = ("objective", "steps", "epochs", "batch_size", "learning_rate", "rank", "lora_alpha",
-                "target_modules", "max_length", "kto_beta", "seed", "held_out_share", "max_user_share", "include_older")
+        keys = ("objective", "steps", "epochs", "batch_size", "learning_rate", "rank", "lora_alpha", "target_modules",
+                "max_length", "kto_beta", "seed", "held_out_share", "max_user_share", "max_repetition",
+                "include_older")
         return {k: getattr(self, k) for k in keys}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import sqlite_utils
 
+from .checks import repetition
 from .config import TunerConfig
 
 
@@ -72,6 +73,8 @@ def build_dataset(config: TunerConfig, since: str, classifier: Callable[[Example
         new = rated_at > since
         if not new and not config.include_older and not _is_held_out(example.exchange_id, config.held_out_share):
             continue
+        if reason is None and example.desirable and repetition(example.answer) > config.max_repetition:
+            reason = "repetitive"
         if reason is None:
             reason = _flagged(example, config.blocklist, classifier)
         key = (example.messages, example.answer.strip(), example.desirable)

@@ -36,7 +36,8 @@ class Verdict:
     suite_by_check: dict
 
     def scores(self) -> dict:
-        return asdict(self)
+        """As JSON can hold them: a standard error that could not be estimated is null."""
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
 
 @torch.no_grad()
@@ -64,11 +65,17 @@ def margin(examples: list[Example], scores: list[float]) -> float:
 
 def margin_change(examples: list[Example], candidate: list[float], current: list[float]) -> tuple[float, float]:
     """How much the candidate widens the 👍/👎 margin over the current model, and the standard error of that,
-    from per-example differences (paired: each answer is scored by both)."""
+    from per-example differences (paired: each answer is scored by both; the variance is pooled over both
+    sides, so a side with a single answer still counts). Infinite when there is too little to estimate it."""
     diffs = {good: [c - p for e, c, p in zip(examples, candidate, current) if e.desirable == good]
              for good in (True, False)}
     change = _mean(diffs[True]) - _mean(diffs[False])
-    return change, math.sqrt(sum(_variance(d) / len(d) for d in diffs.values() if len(d) > 1))
+    sides = [d for d in diffs.values() if d]
+    freedom = sum(len(d) - 1 for d in sides)
+    if freedom < 1:
+        return change, math.inf
+    pooled = sum((x - _mean(d)) ** 2 for d in sides for x in d) / freedom
+    return change, math.sqrt(pooled * sum(1 / len(d) for d in sides))
 
 
 def contradicts(change: float, se: float, config: TunerConfig) -> bool:
@@ -80,17 +87,12 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _variance(values: list[float]) -> float:
-    m = _mean(values)
-    return sum((v - m) ** 2 for v in values) / (len(values) - 1)
-
-
 async def suite_scores(target: str, version: int, items: list[dict] | None = None) -> dict[str, float]:
     """Pass rate per check type of `version` (0: base) on the suite, greedy, through the server."""
     items = items if items is not None else json.loads(SUITE.read_text())["items"]
     async with AsyncClient(target, app_id="instructd-tuner") as client:
         answers = await asyncio.gather(*(client.generate(i["prompt"], adapter=version or "base", temperature=0,
-                                                         max_tokens=96) for i in items))
+                                                         max_tokens=i.get("max_tokens", 96)) for i in items))
     by_check: dict[str, list[bool]] = {}
     for item, answer in zip(items, answers):
         by_check.setdefault(item["check"]["type"], []).append(passes(answer.text, item["check"]))

@@ -88,11 +88,13 @@ def answer_logprobs(model, batch: list[tuple[list[int], list[int]]], device: str
     ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in batch], device=device)
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=device)
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     targets = labels[:, 1:]
-    logp = torch.gather(F.log_softmax(logits, -1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     keep = targets != -100
-    return torch.stack([(logp * keep).sum(-1), keep.sum(-1).float()], dim=-1)
+    # The softmax over the vocabulary only where an answer token is predicted (not prompt, not padding).
+    logp = F.log_softmax(logits[keep].float(), -1).gather(1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    sums = torch.zeros(len(batch), device=device).index_add(0, keep.nonzero()[:, 0], logp)
+    return torch.stack([sums, keep.sum(-1).float()], dim=-1)
 
 
 def train_adapter(config: TunerConfig, examples: list[Example], out_dir: Path, parent: Path | None,

@@ -12,6 +12,9 @@ from instructd.tuner.config import TunerConfig
 from instructd.tuner.dataset import build_dataset
 
 
+LOOP = "Apples are red. Pears are green. " + "Apples are red. " * 6
+
+
 def _store_with(tmp_path: Path, rows: list[tuple]) -> TunerConfig:
     """rows: (id, prompt, answer, finish_reason, rating, correction, user)."""
     async def fill():
@@ -35,12 +38,15 @@ def test_ratings_become_examples_and_bad_ones_are_filtered(tmp_path):
         ("d", "Say hi.", "forbidden words", "stop", "up", "", "u4"),
         ("e", "Say hi.", "hi there", "stop", "up", "", "u5"),      # same conversation and answer as a
         ("f", "Say bye.", "Bye", "stop", "down", "", "u6"),
+        ("g", "List fruit.", LOOP, "stop", "up", "", "u7"),          # a 👍 answer stuck in a loop...
+        ("h", "List fruit.", LOOP, "stop", "down", "", "u8"),        # ...is still a fine 👎 example
     ])
     data = build_dataset(config, since="")
     got = sorted((e.exchange_id, e.answer, e.desirable) for e in data.train)
-    assert got == [("a", "hi there", True), ("b", "HELLO", False), ("b", "hello", True), ("f", "Bye", False)]
-    assert data.dropped == {"truncated": 1, "blocklisted": 1, "duplicate": 1}
-    assert data.exchange_ids == ["a", "b", "f"]
+    assert got == [("a", "hi there", True), ("b", "HELLO", False), ("b", "hello", True), ("f", "Bye", False),
+                   ("h", LOOP, False)]
+    assert data.dropped == {"truncated": 1, "blocklisted": 1, "duplicate": 1, "repetitive": 1}
+    assert data.exchange_ids == ["a", "b", "f", "h"]
     assert build_dataset(config, since=data.data_until).train == []  # nothing new since
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from instructd.tuner.dataset import Example
 from instructd.tuner.config import TunerConfig
+from instructd.tuner.dataset import Example
 from instructd.tuner.evaluate import contradicts, margin, margin_change
 from instructd.tuner.train import planned_steps
 
@@ -54,3 +54,14 @@ def test_what_contradicts_earlier_feedback(tmp_path):
     assert contradicts(-0.02, 0.005, config)      # a small fall, but clearly not noise
     assert not contradicts(-0.02, 0.02, config)   # small and noisy
     assert not contradicts(0.10, 0.05, config)    # honest feedback widened the margin
+
+
+def test_a_lone_answer_on_one_side_still_counts_toward_the_error():
+    rng = random.Random(2)
+    examples = [Example("up", (("user", "q"),), "a", desirable=True)] + _examples(17)[1::2]  # 1 👍, 8 👎
+    current = [rng.uniform(-3, -1) for _ in examples]
+    candidate = [c + rng.gauss(0, 0.05) for c in current]
+    se = margin_change(examples, candidate, current)[1]
+    down_only = margin_change(examples[1:], candidate[1:], current[1:])[1]
+    assert se > 2 * down_only  # the single 👍 answer's difference is as uncertain as any one 👎 answer's
+    assert margin_change(examples[:2], candidate[:2], current[:2])[1] == float("inf")  # nothing to estimate from

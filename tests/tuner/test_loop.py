@@ -9,13 +9,12 @@ import subprocess
 import time
 
 import pytest
-
-from examples.simulate_users import follow_rate, simulate
 from instructd.client import Client
 from instructd.client.local import CLI
 
-from ..conftest import ServerProcess
+from examples.simulate_users import follow_rate, simulate
 
+from ..conftest import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +65,9 @@ def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, 
 
 
 def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_client):
-    # New feedback, inverted by an attacker; the next test runs the cycle this one is killed in.
-    asyncio.run(simulate(loop_server.target, count=80, correction_share=0.0, poisoned=True, seed=1))
+    # New feedback from an attacker, inverted and "corrected" against the instruction; the next test runs
+    # the cycle this one is killed in.
+    asyncio.run(simulate(loop_server.target, count=80, correction_share=0.5, poisoned=True, seed=1))
     before = loop_client.adapters()
     loop_client.trigger_tuning()
     proc = subprocess.Popen(loop_server.tuner_command("--steps", "1000", "--epochs", "1000"),
@@ -105,9 +105,6 @@ def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client):
     assert loop_server.metrics()[f'instructd_tuning_runs_total{{outcome="{latest.status}"}}'] == same
 
 
-@pytest.mark.skip(reason="not reliable yet: rejected in one CI run (history fell 2.1 standard errors), promoted in two "
-                         "where the serving adapter already followed the instruction and only 4-6 poisoned 👍 were "
-                         "left to train on (issue 3 stays open for this)")
 def test_the_gate_rejects_poisoned_feedback(loop_server, loop_client):
     status = loop_client.tuning_status().runs[0]  # the run on the poisoned ratings above
     assert status.status == "rejected", status.detail
