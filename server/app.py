@@ -52,15 +52,21 @@ async def serve(config: ServerConfig) -> None:
         log.info("instructd serving %s on %s:%d (metrics on :%d/metrics, data in %s)",
                  model.name, config.host, port, metrics_port, config.data_dir)
         tuner = _start_tuner(config, model, port) if config.tuner else None
-        await _until_signalled()
+        died = await _until_signalled_or_dead(engine)
         if tuner:
             tuner.terminate()  # an interrupted run is cleaned up by the tuner's next start
-        log.info("stopping: draining requests in flight (up to %gs)", config.drain_seconds)
+        if died:
+            log.error("the inference engine died: NOT_SERVING, stopping (exit status 1) for a supervisor to restart")
+            await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        else:
+            log.info("stopping: draining requests in flight (up to %gs)", config.drain_seconds)
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(config.drain_seconds)
+        await server.stop(1.0 if died else config.drain_seconds)  # a dead engine answers nothing: no drain
     finally:
         await asyncio.to_thread(store.close)
         engine.shutdown()
+    if died:
+        raise SystemExit(1)
     log.info("stopped")
 
 
@@ -86,9 +92,16 @@ def _start_tuner(config: ServerConfig, model, port: int) -> subprocess.Popen:
     return subprocess.Popen(command)
 
 
-async def _until_signalled() -> None:
+async def _until_signalled_or_dead(engine: VllmEngine, every: float = 1.0) -> bool:
+    """Waits for SIGTERM or SIGINT (returns False) or for the engine to die (returns True)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    while not engine.dead:
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every)
+            return False
+        except TimeoutError:
+            pass
+    return True

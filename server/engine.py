@@ -16,7 +16,7 @@ from typing import Protocol
 
 from .config import ENV_KV_CACHE, ServerConfig
 from .domain import Sampling
-from .errors import InvalidRequest
+from .errors import InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ class Engine(Protocol):
     async def unload_adapter(self, version: int) -> bool:
         """Frees an adapter's slot; returns whether it was loaded."""
 
+    @property
+    def dead(self) -> bool:
+        """Whether the engine died (its processes are gone); it never recovers."""
+
     def shutdown(self) -> None:
         """Stops the engine's processes."""
 
@@ -95,6 +99,7 @@ class VllmEngine:
                      adapter: AdapterRef | None, request_id: str) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             params = SamplingParams(
@@ -104,10 +109,13 @@ class VllmEngine:
             raise InvalidRequest(str(exc)) from exc
         (prompt,) = self._llm.renderer.render_cmpl([{"prompt_token_ids": prompt_ids}])
         # vLLM aborts the request itself when this generator is closed or cancelled early.
-        async for out in self._llm.generate(prompt, params, request_id, lora_request=self._lora(adapter)):
-            step = out.outputs[0]
-            yield Chunk(step.text, len(step.token_ids), len(out.prompt_token_ids or prompt_ids),
-                        step.finish_reason if out.finished else None)
+        try:
+            async for out in self._llm.generate(prompt, params, request_id, lora_request=self._lora(adapter)):
+                step = out.outputs[0]
+                yield Chunk(step.text, len(step.token_ids), len(out.prompt_token_ids or prompt_ids),
+                            step.finish_reason if out.finished else None)
+        except EngineDeadError as exc:
+            raise Unavailable("the inference engine died; the server is going down, retry elsewhere") from exc
 
     async def load_adapter(self, adapter: AdapterRef, pin: bool) -> None:
         await self._llm.add_lora(self._lora(adapter))
@@ -116,6 +124,10 @@ class VllmEngine:
 
     async def unload_adapter(self, version: int) -> bool:
         return await self._llm.remove_lora(version)
+
+    @property
+    def dead(self) -> bool:
+        return self._llm.errored
 
     def shutdown(self) -> None:
         self._llm.shutdown()
