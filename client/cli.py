@@ -252,8 +252,8 @@ def tuner(data_dir, adapter_dir, model, objective, steps, epochs, learning_rate,
     config = TunerConfig(data_dir=data_dir, adapter_dir=adapter_dir or data_dir / "incoming",
                          model=model or default_model(default_cache()), target=target, objective=objective,
                          steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
-                         min_new_ratings=min_new_ratings, period_seconds=period,
-                         include_older=include_older, blocklist=tuple(blocklist))
+                         min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
+                         blocklist=tuple(blocklist))
     run_tuner(config, once=once, classifier=classifier)
 
 

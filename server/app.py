@@ -102,6 +102,6 @@ async def _until_signalled_or_dead(engine: VllmEngine, every: float = 1.0) -> bo
         try:
             await asyncio.wait_for(stop.wait(), timeout=every)
             return False
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
             pass
     return True
