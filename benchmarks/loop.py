@@ -174,26 +174,13 @@ def _by_type(prompts: list[Prompt], judged: list[bool]) -> dict[str, float]:
 
 
 def wait_for_run(client: Client, after_id: int, timeout: float) -> dict:
-    """Polls the tuner's status (it runs in another process) until the run after `after_id` ends."""
-    deadline, bar = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        runs = [r for r in client.tuning_status(limit=3).runs if r.id > after_id]
-        if runs:
-            run = runs[-1]
-            if bar is None:
-                bar = tqdm(total=run.total_steps or None, desc=f"tuning run {run.id}", unit="step")
-            bar.total, bar.n = run.total_steps or bar.total, run.step
-            bar.set_postfix_str(run.status)
-            bar.refresh()
-            if run.status != "running":
-                bar.close()
-                verdict = run.detail.get("verdict", {})
-                return {"run_id": run.id, "outcome": run.status, "candidate_version": run.candidate_version,
-                        "examples": run.examples, "final_loss": run.loss, "reason": verdict.get("reason") or
-                        run.detail.get("reason") or run.detail.get("error", ""), "verdict": verdict,
-                        "data": run.detail.get("data", {}), "train": run.detail.get("train", {})}
-        time.sleep(2)  # the tuner is another process: poll its status
-    raise TimeoutError(f"no tuning run finished within {timeout:.0f}s")
+    """Follows the tuner's run after `after_id` (it runs in another process) until it ends; its summary."""
+    run = client.follow_run(after_id, timeout)
+    verdict = run.detail.get("verdict", {})
+    return {"run_id": run.id, "outcome": run.status, "candidate_version": run.candidate_version,
+            "examples": run.examples, "final_loss": run.loss, "reason": verdict.get("reason") or
+            run.detail.get("reason") or run.detail.get("error", ""), "verdict": verdict,
+            "data": run.detail.get("data", {}), "train": run.detail.get("train", {})}
 
 
 def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:

@@ -280,27 +280,11 @@ def tune(now, status, watch, target) -> None:
 
 
 def _watch(client: Client, requested: bool) -> None:
-    import time
-
-    from tqdm import tqdm
-
-    state = client.tuning_status(limit=1)
-    known = state.runs[0].id if state.runs and requested and state.runs[0].status != "running" else None
-    bar = None
-    while True:
-        state = client.tuning_status(limit=1)
-        run = state.runs[0] if state.runs else None
-        if run and run.id != known:
-            if bar is None:
-                bar = tqdm(total=run.total_steps or None, desc=f"run {run.id}", unit="step")
-            bar.total = run.total_steps or bar.total
-            bar.n = run.step
-            bar.set_postfix_str(f"{run.status}, loss {run.loss:.4f}" if run.step else run.status)
-            bar.refresh()
-            if run.status != "running":
-                bar.close()
-                return
-        time.sleep(1)  # polling another process's progress
+    """Follows the run just requested (one after the newest finished run), else the newest run."""
+    runs = client.tuning_status(limit=1).runs
+    newest = runs[0] if runs else None
+    after = newest.id if newest and requested and newest.status != "running" else newest.id - 1 if newest else 0
+    client.follow_run(after)
 
 
 def _print_tuning(state) -> None:

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -16,7 +18,7 @@ from instructd.v1 import instructd_pb2 as pb
 from instructd.v1 import instructd_pb2_grpc as pb_grpc
 
 from . import requests
-from .types import Adapter, Answer, ApiError, Promotion, Stats, TuningStatus
+from .types import Adapter, Answer, ApiError, Promotion, Stats, TuningRun, TuningStatus
 
 DEFAULT_TARGET = "localhost:50051"
 APP_ID_HEADER = "x-instructd-app"
@@ -96,6 +98,26 @@ class Client(_Stubs):
 
     def tuning_status(self, limit: int = 5) -> TuningStatus:
         return TuningStatus.from_pb(self._call(self._admin.GetTuningStatus, pb.GetTuningStatusRequest(limit=limit)))
+
+    def follow_run(self, after_id: int = 0, timeout: float | None = None) -> TuningRun:
+        """Waits for the newest tuning run after `after_id` to end, with a progress bar; returns it."""
+        from tqdm import tqdm
+
+        deadline, bar = time.monotonic() + (timeout if timeout is not None else math.inf), None
+        while time.monotonic() < deadline:
+            runs = self.tuning_status(limit=1).runs
+            if runs and runs[0].id > after_id:
+                run = runs[0]
+                if bar is None:
+                    bar = tqdm(total=run.total_steps or None, desc=f"tuning run {run.id}", unit="step")
+                bar.total, bar.n = run.total_steps or bar.total, run.step
+                bar.set_postfix_str(f"{run.status}, loss {run.loss:.4f}" if run.step else run.status)
+                bar.refresh()
+                if run.status != "running":
+                    bar.close()
+                    return run
+            time.sleep(1)  # the tuner is another process: poll its status
+        raise TimeoutError(f"no tuning run finished within {timeout:.0f}s")
 
     def close(self) -> None:
         self.channel.close()
