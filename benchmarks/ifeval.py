@@ -2,7 +2,7 @@
 checkers' own instruction descriptions, judge answers strictly, and make corrected answers mechanically.
 
 The checkers come from lm-eval (`lm_eval.tasks.ifeval`); its data set is not used. A few checkers need
-NLTK data that an offline machine cannot download: `available_types()` leaves those out and says so.
+NLTK data that an offline machine cannot download: `Judge.unavailable()` finds those, to be left out.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _placeholders(text: str, n: int) -> str:
 
 
 def _highlight(text: str, n: int) -> str:
-    lines = [line for line in text.split("\n")]
+    lines = text.split("\n")
     marked = 0
     for i, line in enumerate(lines):
         if marked < n and line.strip() and "*" not in line:
