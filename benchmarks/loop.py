@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from instructd.client import AsyncClient, Client
+from instructd.client import Client
 from instructd.client.local import LocalServer
 
 from .ifeval import Judge, Prompt
@@ -79,6 +79,8 @@ class Loop:
         self.measure_unrated = self._prompts(HELD_OUT, unrated, len(unrated) * config.held_out_per_type, rng)
         self.measure_plain = PLAIN[: config.plain]
         self.rng = rng
+        with server.client() as admin:  # the simulated users and the measurement are two applications
+            self.keys = {app: admin.create_key(f"bench-{app}", "app")[1] for app in ("users", "measure")}
 
     def _prompts(self, tasks: list[str], types: tuple, count: int, rng: random.Random) -> list[Prompt]:
         """`count` prompts; every type leads equally often; some carry a second, compatible type."""
@@ -101,7 +103,7 @@ class Loop:
         c = self.config
         prompts = self._prompts(TRAFFIC, self.rated, c.traffic, self.rng)
         tally = {"exchanges": 0, "up": 0, "down": 0, "corrections": 0}
-        async with AsyncClient(self.server.target, app_id="bench-users") as client:
+        async with self.server.async_client(self.keys["users"]) as client:
             async def one(i: int, prompt: Prompt) -> None:
                 user = f"user{self.rng.randrange(c.users)}"
                 answer = await client.generate(prompt.text, temperature=c.temperature, max_tokens=c.max_tokens,
@@ -126,7 +128,7 @@ class Loop:
         c = self.config
         prompts = self.measure_rated + self.measure_unrated
         plain_tasks = [task for task, _ in self.measure_plain]
-        async with AsyncClient(self.server.target, app_id="bench-measure") as client:
+        async with self.server.async_client(self.keys["measure"]) as client:
             with tqdm(total=len(prompts) + len(plain_tasks), desc=f"{label}: measuring", unit="answer") as bar:
                 async def ask(text: str, max_tokens: int):
                     answer = await client.generate(text, temperature=0, max_tokens=max_tokens)
@@ -189,18 +191,20 @@ def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
     missing = judge.unavailable()
     rated = tuple(t for t in RATED if t not in missing)
     unrated = tuple(t for t in UNRATED if t not in missing)
-    server = LocalServer(work_dir / "data", work_dir / "server.log")
+    # No rate limits: the simulated users of a cycle all ask at once, which is the benchmark's doing, not theirs.
+    server = LocalServer(work_dir / "data", work_dir / "server.log", "--generate-per-second", "0",
+                         "--feedback-per-second", "0")
     tuner_log = open(work_dir / "tuner.log", "a")
     result: dict = {"config": {**asdict(config), "rated_types": rated, "unrated_types": unrated},
                     "unavailable_types": missing, "environment": _environment(), "cycles": []}
     with server:
         tuner = subprocess.Popen(server.tuner_command("--min-new-ratings", "1000000000", *config.tuner_args),
-                                 stdout=tuner_log, stderr=subprocess.STDOUT)
+                                 stdout=tuner_log, stderr=subprocess.STDOUT, env=server.env())
         try:
             loop = Loop(config, server, judge, rated, unrated)
             base = asyncio.run(loop.measure("base"))
             result["cycles"].append({"cycle": 0, "serving": 0, "measure": base, "seconds": time.monotonic() - started})
-            with Client(server.target, app_id="bench") as client:
+            with server.client() as client:
                 for cycle in range(1, config.cycles + 1):
                     t0 = time.monotonic()
                     tally = asyncio.run(loop.traffic(cycle))

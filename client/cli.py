@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import click
-from instructd.server.config import ENV_TARGET
-from instructd.tuner.config import TunerConfig
+from instructd.server.config import ENV_API_KEY, ENV_TARGET, ENV_TLS_CA
 
+from .channel import DEFAULT_TARGET, Tls
+from .cli_run import serve, tuner
 from .client import Client
 from .types import ApiError
 
-TARGET = click.option("--target", envvar=ENV_TARGET, default="localhost:50051", show_default=True,
-                      help="host:port of the instructd server (env INSTRUCTD_TARGET).")
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_CONNECTION = [
+    click.option("--target", envvar=ENV_TARGET, default=DEFAULT_TARGET, show_default=True,
+                 help=f"host:port of the instructd server (env {ENV_TARGET})."),
+    click.option("--api-key", envvar=ENV_API_KEY, help=f"API key (env {ENV_API_KEY}; default for a server on this "
+                                                       "machine: the admin key in its data directory)."),
+    click.option("--tls-ca", type=_FILE, envvar=ENV_TLS_CA, help=f"Speak TLS, trusting this CA (env {ENV_TLS_CA})."),
+    click.option("--tls-cert", type=_FILE, help="Client certificate, for a server that requires one (mutual TLS)."),
+    click.option("--tls-key", type=_FILE, help="The client certificate's private key."),
+]
+
+
+def connection(command):
+    """Adds the options that say how to reach the server; the command gets `connect()`, which opens a Client."""
+    @functools.wraps(command)
+    def wrapper(*args, target, api_key, tls_ca, tls_cert, tls_key, **kwargs):
+        tls = Tls(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
+        return command(*args, connect=lambda: Client(target, api_key=api_key, tls=tls), **kwargs)
+    for option in reversed(_CONNECTION):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def _version_name(version: int) -> str:
@@ -34,6 +55,9 @@ class _Group(click.Group):
 def main() -> None:
     """instructd: a self-hosted LLM service that learns from its users.
 
+    Every command but serve talks to a server: --target, and an API key (--api-key, $INSTRUCTD_API_KEY, or
+    for a server on this machine the admin key it wrote into its data directory).
+
     \b
     Example:
       instructd serve                 # in one terminal
@@ -41,43 +65,8 @@ def main() -> None:
     """
 
 
-@main.command()
-@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Hugging Face model folder to serve (default: the embedded SmolLM2-135M-Instruct).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option("--port", default=50051, show_default=True, help="gRPC port.")
-@click.option("--metrics-port", default=9090, show_default=True, help="Prometheus /metrics port.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="SQLite database and adapter versions (default: $INSTRUCTD_HOME or ~/.local/share/instructd).")
-@click.option("--adapter-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Adapters may be registered only from inside this folder (default: DATA_DIR/incoming).")
-@click.option("--max-model-len", default=2048, show_default=True, help="Context length in tokens.")
-@click.option("--kv-cache-gib", default=2.0, show_default=True, help="CPU only: GiB for vLLM's KV cache.")
-@click.option("--gpu-memory-utilization", default=0.8, show_default=True,
-              help="GPU only: share of GPU memory for vLLM.")
-@click.option("--tuner/--no-tuner", default=True, show_default=True,
-              help="Also run the background tuner (in its own process) with default settings.")
-def serve(model, host, port, metrics_port, data_dir, adapter_dir, max_model_len, kv_cache_gib,
-          gpu_memory_utilization, tuner) -> None:
-    """Run the service (gRPC, health, reflection, /metrics) until Ctrl-C or SIGTERM.
-
-    \b
-    Example:
-      instructd serve --port 50051 --metrics-port 9090
-    """
-    import asyncio
-    import logging
-
-    from instructd.server.app import serve as run
-    from instructd.server.config import ServerConfig
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data_dir = data_dir.resolve() if data_dir else None
-    config = ServerConfig(model=model, host=host, port=port, metrics_port=metrics_port, data_dir=data_dir,
-                          adapter_dir=adapter_dir or (data_dir / "incoming" if data_dir else None),
-                          max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                          gpu_memory_utilization=gpu_memory_utilization, tuner=tuner)
-    asyncio.run(run(config))
+main.add_command(serve)
+main.add_command(tuner)
 
 
 @main.command()
@@ -88,15 +77,15 @@ def serve(model, host, port, metrics_port, data_dir, adapter_dir, max_model_len,
 @click.option("--temperature", type=float, help="0 (greedy) to 2.")
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--user", default="", help="User id stored with the exchange.")
-@TARGET
-def ask(prompt, system, adapter, max_tokens, temperature, seed, user, target) -> None:
+@connection
+def ask(prompt, system, adapter, max_tokens, temperature, seed, user, connect) -> None:
     """Ask a question; the answer streams to the terminal, then its response id and adapter version.
 
     \b
     Example:
       instructd ask "Give three tips for staying healthy." --max-tokens 128
     """
-    with Client(target) as client:
+    with connect() as client:
         for event in client.stream(prompt, system=system, adapter=adapter, max_tokens=max_tokens,
                                    temperature=temperature, seed=seed, user_id=user):
             if isinstance(event, str):
@@ -113,29 +102,29 @@ def ask(prompt, system, adapter, max_tokens, temperature, seed, user, target) ->
 @click.option("--comment", default="", help="Free-text comment.")
 @click.option("--correction", default="", help="A better answer, used for training.")
 @click.option("--user", default="", help="Who rates; a later rating by the same user replaces this one.")
-@TARGET
-def feedback(response_id, rating, comment, correction, user, target) -> None:
+@connection
+def feedback(response_id, rating, comment, correction, user, connect) -> None:
     """Rate an answer up or down (stored once committed).
 
     \b
     Example:
       instructd feedback 3f2a9c... up --comment "clear and short"
     """
-    with Client(target) as client:
+    with connect() as client:
         feedback_id = client.feedback(response_id, rating, comment=comment, correction=correction, user_id=user)
     click.echo(f"feedback {feedback_id} stored")
 
 
 @main.command()
-@TARGET
-def adapters(target) -> None:
+@connection
+def adapters(connect) -> None:
     """List adapter versions; the serving one is marked with *.
 
     \b
     Example:
       instructd adapters
     """
-    with Client(target) as client:
+    with connect() as client:
         rows, promoted = client.adapters()
     click.echo(f"serving: {_version_name(promoted)}")
     for a in rows:
@@ -147,15 +136,15 @@ def adapters(target) -> None:
 @main.command()
 @click.argument("path")
 @click.option("--parent", default=0, help="Version it was trained from (0: the base model).")
-@TARGET
-def register(path, parent, target) -> None:
+@connection
+def register(path, parent, connect) -> None:
     """Register a PEFT LoRA folder (inside the server's adapter dir) as a new version.
 
     \b
     Example:
       instructd register ~/.local/share/instructd/incoming/my-lora
     """
-    with Client(target) as client:
+    with connect() as client:
         adapter = client.register(str(Path(path).expanduser().resolve()), parent_version=parent)
     click.echo(f"registered v{adapter.version} ({adapter.status})")
 
@@ -163,106 +152,60 @@ def register(path, parent, target) -> None:
 @main.command()
 @click.argument("version", type=int)
 @click.option("--if-current", type=int, help="Promote only if this version is serving now (compare-and-swap).")
-@TARGET
-def promote(version, if_current, target) -> None:
+@connection
+def promote(version, if_current, connect) -> None:
     """Serve VERSION for new requests (0: the base model).
 
     \b
     Example:
       instructd promote 3 --if-current 2
     """
-    with Client(target) as client:
+    with connect() as client:
         p = client.promote(version, if_current)
     click.echo(f"serving {_version_name(p.promoted_version)} (was {_version_name(p.previous_version)})")
 
 
 @main.command()
 @click.argument("version", type=int, required=False)
-@TARGET
-def rollback(version, target) -> None:
+@click.option("--if-current", type=int, help="Roll back only if this version is serving now (compare-and-swap).")
+@connection
+def rollback(version, if_current, connect) -> None:
     """Return to the previous version, or to VERSION (0: the base model).
 
     \b
     Example:
       instructd rollback        # to the version served before this one
     """
-    with Client(target) as client:
-        p = client.rollback(version)
+    with connect() as client:
+        p = client.rollback(version, if_current)
     click.echo(f"serving {_version_name(p.promoted_version)} (was {_version_name(p.previous_version)})")
 
 
 @main.command()
-@TARGET
-def stats(target) -> None:
-    """Exchanges, ratings and thumbs-up rate per adapter version.
+@connection
+def stats(connect) -> None:
+    """Exchanges, ratings and thumbs-up rate per application and adapter version (an application key: its own).
 
     \b
     Example:
       instructd stats
     """
-    with Client(target) as client:
+    with connect() as client:
         s = client.stats()
     click.echo(f"serving: {_version_name(s.promoted_version)}")
-    click.echo(f"{'adapter':<8} {'exchanges':>9} {'up':>5} {'down':>5} {'up rate':>8}")
+    click.echo(f"{'application':<20} {'adapter':<8} {'exchanges':>9} {'up':>5} {'down':>5} {'up rate':>8}")
     for a in s.adapters:
         rate = f"{a.up_rate:.0%}" if a.up_rate is not None else "-"
-        click.echo(f"{_version_name(a.adapter_version):<8} {a.exchanges:>9} {a.ratings_up:>5} "
+        click.echo(f"{a.app_id:<20} {_version_name(a.adapter_version):<8} {a.exchanges:>9} {a.ratings_up:>5} "
                    f"{a.ratings_down:>5} {rate:>8}")
-
-
-@main.command()
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="The server's data directory (default: $INSTRUCTD_HOME or ~/.local/share/instructd).")
-@click.option("--adapter-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="The server's adapter directory, where candidates are written (default: DATA_DIR/incoming).")
-@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The base model folder the server serves (default: the embedded model).")
-@click.option("--objective", type=click.Choice(["sft", "kto"]), default=TunerConfig.objective, show_default=True,
-              help="sft: learn 👍 answers and corrections; kto: also push away from 👎 answers.")
-@click.option("--steps", default=TunerConfig.steps, show_default=True, help="Most training steps per run.")
-@click.option("--epochs", default=TunerConfig.epochs, show_default=True,
-              help="Passes over the run's examples (within --steps).")
-@click.option("--learning-rate", default=TunerConfig.learning_rate, show_default=True)
-@click.option("--rank", default=TunerConfig.rank, show_default=True, help="LoRA rank of a fresh adapter.")
-@click.option("--min-new-ratings", default=TunerConfig.min_new_ratings, show_default=True,
-              help="Start a run after this many new ratings.")
-@click.option("--period", default=TunerConfig.period_seconds, show_default=True,
-              help="Also start a run every PERIOD seconds (0: never).")
-@click.option("--include-older", is_flag=True, help="Also learn from ratings older than the last run.")
-@click.option("--blocklist", multiple=True, help="Never train on exchanges containing this phrase (repeatable).")
-@click.option("--classifier", default="", help="'module:function' returning True for an example to leave out.")
-@click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
-@TARGET
-def tuner(data_dir, adapter_dir, model, objective, steps, epochs, learning_rate, rank, min_new_ratings, period,
-          include_older, blocklist, classifier, once, target) -> None:
-    """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners.
-
-    \b
-    Example:
-      instructd tuner --min-new-ratings 100 --objective kto
-    """
-    import logging
-
-    from instructd.server.config import default_cache, default_home
-    from instructd.server.model import default_model
-    from instructd.tuner.scheduler import run_tuner
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data_dir = (data_dir or default_home()).resolve()
-    config = TunerConfig(data_dir=data_dir, adapter_dir=adapter_dir or data_dir / "incoming",
-                         model=model or default_model(default_cache()), target=target, objective=objective,
-                         steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
-                         min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
-                         blocklist=tuple(blocklist))
-    run_tuner(config, once=once, classifier=classifier)
 
 
 @main.command()
 @click.option("--now", is_flag=True, help="Ask the tuner to start a run as soon as it can.")
 @click.option("--status", is_flag=True, help="Show the current run and the latest results (the default).")
 @click.option("--watch", is_flag=True, help="Follow the newest run until it ends, with a progress bar.")
-@TARGET
-def tune(now, status, watch, target) -> None:
+@connection
+def tune(now, status, watch, connect) -> None:
     """Start a tuning run, or show how tuning goes.
 
     \b
@@ -270,7 +213,7 @@ def tune(now, status, watch, target) -> None:
       instructd tune --now --watch
       instructd tune --status
     """
-    with Client(target) as client:
+    with connect() as client:
         if now:
             client.trigger_tuning()
             click.echo("tuning run requested")
@@ -300,6 +243,102 @@ def _print_tuning(state) -> None:
         elif run.detail.get("reason") or run.detail.get("error"):
             line += f"  {run.detail.get('reason') or run.detail.get('error')}"
         click.echo(line)
+
+
+@main.group(cls=_Group)
+def keys() -> None:
+    """Create, list and revoke API keys (an admin key is needed).
+
+    A key belongs to one application and has one role: app (generate and rate, for its own application),
+    tuner (what the tuner needs) or admin (everything). Its secret is shown once, when it is made.
+
+    \b
+    Example:
+      instructd keys create --app billing-bot --role app --name "billing bot, production"
+      instructd keys list
+      instructd keys revoke 3f2a9c0d1e4b
+    """
+
+
+@keys.command("create")
+@click.option("--app", "app_id", required=True, help="The application the key belongs to.")
+@click.option("--role", type=click.Choice(["app", "tuner", "admin"]), default="app", show_default=True)
+@click.option("--name", default="", help="A name for people to recognise it by.")
+@connection
+def create_key(app_id, role, name, connect) -> None:
+    """Make a key; its secret is printed once and kept nowhere.
+
+    \b
+    Example:
+      instructd keys create --app billing-bot --role app
+    """
+    with connect() as client:
+        key, secret = client.create_key(app_id, role, name)
+    click.echo(f"key {key.id} ({key.role} of {key.app_id}) created; its secret, shown only now:\n{secret}")
+
+
+@keys.command("list")
+@connection
+def list_keys(connect) -> None:
+    """List every key, revoked ones too (never their secrets).
+
+    \b
+    Example:
+      instructd keys list
+    """
+    with connect() as client:
+        rows = client.keys()
+    click.echo(f"{'id':<13} {'role':<6} {'application':<20} {'created':<30} {'last used':<30} name")
+    for k in rows:
+        state = f"REVOKED {k.revoked_at}" if k.revoked_at else k.last_used_at or "-"
+        click.echo(f"{k.id:<13} {k.role:<6} {k.app_id:<20} {k.created_at:<30} {state:<30} {k.name}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@connection
+def revoke_key(key_id, connect) -> None:
+    """Revoke the key with id KEY_ID: every later call with it is UNAUTHENTICATED.
+
+    \b
+    Example:
+      instructd keys revoke 3f2a9c0d1e4b
+    """
+    with connect() as client:
+        key = client.revoke_key(key_id)
+    click.echo(f"key {key.id} ({key.role} of {key.app_id}) revoked at {key.revoked_at}")
+
+
+@main.command()
+@click.option("--limit", default=50, show_default=True, help="How many events, newest first.")
+@connection
+def audit(limit, connect) -> None:
+    """Admin and tuner actions: keys, registrations, promotions, rollbacks, evaluations, tuning, forgetting.
+
+    \b
+    Example:
+      instructd audit --limit 20
+    """
+    with connect() as client:
+        events = client.audit(limit)
+    for e in events:
+        click.echo(f"{e.at}  {e.action:<20} {e.target:<30} by key {e.key_id or '-'} ({e.app_id})")
+
+
+@main.command()
+@click.option("--app", "app_id", required=True, help="The application the user belongs to.")
+@click.option("--user", "user_id", required=True, help="The user id the application sent.")
+@connection
+def forget(app_id, user_id, connect) -> None:
+    """Delete one user's exchanges and ratings in one application, for good (never trained on again).
+
+    \b
+    Example:
+      instructd forget --app billing-bot --user customer-4711
+    """
+    with connect() as client:
+        exchanges, ratings = client.forget(app_id, user_id)
+    click.echo(f"deleted {exchanges} exchanges and {ratings} ratings")
 
 
 if __name__ == "__main__":

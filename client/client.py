@@ -1,14 +1,18 @@
 """Typed Python clients for instructd, blocking (`Client`) and asyncio (`AsyncClient`).
 
-    with Client("localhost:50051") as c:
+    with Client("localhost:50051", api_key="ik_...") as c:
         answer = c.generate("Give three tips for staying healthy.")
         c.feedback(answer.response_id, "up")
+
+The key: `api_key`, else $INSTRUCTD_API_KEY, else (for a server on this machine) the admin key that
+`instructd serve` wrote into its data directory. TLS: `tls=Tls(ca=...)`, or $INSTRUCTD_TLS_CA.
+Calls refused as RESOURCE_EXHAUSTED or UNAVAILABLE are retried by gRPC itself, with backoff and the
+server's pushback (a service config, not a loop of ours).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -18,32 +22,27 @@ from instructd.v1 import instructd_pb2 as pb
 from instructd.v1 import instructd_pb2_grpc as pb_grpc
 
 from . import requests
-from .types import Adapter, Answer, ApiError, Promotion, Stats, TuningRun, TuningStatus
-
-DEFAULT_TARGET = "localhost:50051"
-APP_ID_HEADER = "x-instructd-app"
-
-
-def _target(target: str | None) -> str:
-    from instructd.server.config import ENV_TARGET  # the one place environment variables are declared
-    return target or os.environ.get(ENV_TARGET) or DEFAULT_TARGET
+from .channel import Tls, channel
+from .types import Adapter, Answer, ApiError, ApiKey, AuditEvent, Promotion, Stats, TuningRun, TuningStatus
 
 
 class _Stubs:
-    def __init__(self, channel, app_id: str, timeout: float | None) -> None:
-        self.channel = channel
-        self._inference = pb_grpc.InferenceStub(channel)
-        self._feedback = pb_grpc.FeedbackStub(channel)
-        self._admin = pb_grpc.AdminStub(channel)
-        self.metadata = ((APP_ID_HEADER, app_id),)
+    def __init__(self, target: str | None, api_key: str | None, tls: Tls | None, timeout: float | None,
+                 aio: bool) -> None:
+        self.channel, self.metadata = channel(target, api_key, tls, aio)
+        self._inference = pb_grpc.InferenceStub(self.channel)
+        self._feedback = pb_grpc.FeedbackStub(self.channel)
+        self._admin = pb_grpc.AdminStub(self.channel)
+        self._access = pb_grpc.AccessStub(self.channel)
         self.timeout = timeout
 
 
 class Client(_Stubs):
     """Blocking client. Every method raises ApiError on failure."""
 
-    def __init__(self, target: str | None = None, *, app_id: str = "default", timeout: float | None = 300) -> None:
-        super().__init__(grpc.insecure_channel(_target(target)), app_id, timeout)
+    def __init__(self, target: str | None = None, *, api_key: str | None = None, tls: Tls | None = None,
+                 timeout: float | None = 300) -> None:
+        super().__init__(target, api_key, tls, timeout, aio=False)
 
     def _call(self, rpc, request):
         try:
@@ -82,8 +81,8 @@ class Client(_Stubs):
     def promote(self, version: int, expected_current: int | None = None) -> Promotion:
         return Promotion.from_pb(self._call(self._admin.Promote, requests.promote(version, expected_current)))
 
-    def rollback(self, version: int | None = None) -> Promotion:
-        return Promotion.from_pb(self._call(self._admin.Rollback, requests.rollback(version)))
+    def rollback(self, version: int | None = None, expected_current: int | None = None) -> Promotion:
+        return Promotion.from_pb(self._call(self._admin.Rollback, requests.rollback(version, expected_current)))
 
     def stats(self) -> Stats:
         return Stats.from_pb(self._call(self._admin.GetStats, pb.GetStatsRequest()))
@@ -98,6 +97,26 @@ class Client(_Stubs):
 
     def tuning_status(self, limit: int = 5) -> TuningStatus:
         return TuningStatus.from_pb(self._call(self._admin.GetTuningStatus, pb.GetTuningStatusRequest(limit=limit)))
+
+    def create_key(self, app_id: str, role: str, name: str = "") -> tuple[ApiKey, str]:
+        """A new key for `app_id` with `role` ("app", "tuner" or "admin"): its record and its secret (shown once)."""
+        reply = self._call(self._access.CreateKey, requests.create_key(app_id, role, name))
+        return ApiKey.from_pb(reply.key), reply.secret
+
+    def keys(self) -> list[ApiKey]:
+        return [ApiKey.from_pb(k) for k in self._call(self._access.ListKeys, pb.ListKeysRequest()).keys]
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        return ApiKey.from_pb(self._call(self._access.RevokeKey, pb.RevokeKeyRequest(id=key_id)))
+
+    def audit(self, limit: int = 50) -> list[AuditEvent]:
+        reply = self._call(self._access.ListAudit, pb.ListAuditRequest(limit=limit))
+        return [AuditEvent.from_pb(e) for e in reply.events]
+
+    def forget(self, app_id: str, user_id: str) -> tuple[int, int]:
+        """Deletes a user's exchanges and ratings in an application; returns how many of each."""
+        reply = self._call(self._access.Forget, pb.ForgetRequest(app_id=app_id, user_id=user_id))
+        return reply.exchanges, reply.ratings
 
     def follow_run(self, after_id: int = 0, timeout: float | None = None) -> TuningRun:
         """Waits for the newest tuning run after `after_id` to end, with a progress bar; returns it."""
@@ -132,8 +151,9 @@ class Client(_Stubs):
 class AsyncClient(_Stubs):
     """asyncio client with the same methods as Client, as coroutines."""
 
-    def __init__(self, target: str | None = None, *, app_id: str = "default", timeout: float | None = 300) -> None:
-        super().__init__(grpc.aio.insecure_channel(_target(target)), app_id, timeout)
+    def __init__(self, target: str | None = None, *, api_key: str | None = None, tls: Tls | None = None,
+                 timeout: float | None = 300) -> None:
+        super().__init__(target, api_key, tls, timeout, aio=True)
 
     async def _call(self, rpc, request):
         try:
@@ -169,8 +189,8 @@ class AsyncClient(_Stubs):
     async def promote(self, version: int, expected_current: int | None = None) -> Promotion:
         return Promotion.from_pb(await self._call(self._admin.Promote, requests.promote(version, expected_current)))
 
-    async def rollback(self, version: int | None = None) -> Promotion:
-        return Promotion.from_pb(await self._call(self._admin.Rollback, requests.rollback(version)))
+    async def rollback(self, version: int | None = None, expected_current: int | None = None) -> Promotion:
+        return Promotion.from_pb(await self._call(self._admin.Rollback, requests.rollback(version, expected_current)))
 
     async def stats(self) -> Stats:
         return Stats.from_pb(await self._call(self._admin.GetStats, pb.GetStatsRequest()))

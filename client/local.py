@@ -3,6 +3,7 @@ operator would: for tests, benchmarks and scripts that need a real server of the
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -12,6 +13,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from instructd.server.config import ADMIN_KEY_FILE, ENV_API_KEY
+
+from .client import AsyncClient, Client
 
 CLI = [sys.executable, "-m", "instructd.client.cli"]
 
@@ -36,12 +41,29 @@ class LocalServer:
     def start(self) -> None:
         cmd = [*CLI, "serve", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                "--data-dir", str(self.data_dir), "--no-tuner", *self.serve_args]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT)
+        # A session of its own: a hard kill of the server (tests do kill -9) takes vLLM's engine process too.
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         self._wait_serving()
 
+    @property
+    def api_key(self) -> str:
+        """The admin key the server made in its data directory on first start."""
+        return (self.data_dir / ADMIN_KEY_FILE).read_text().strip()
+
+    def client(self, api_key: str | None = None, **options) -> Client:
+        return Client(self.target, api_key=api_key or self.api_key, **options)
+
+    def async_client(self, api_key: str | None = None, **options) -> AsyncClient:
+        return AsyncClient(self.target, api_key=api_key or self.api_key, **options)
+
     def tuner_command(self, *args: str) -> list[str]:
-        """`instructd tuner` against this server and its data directory."""
+        """`instructd tuner` against this server and its data directory (run it with `env()`)."""
         return [*CLI, "tuner", "--data-dir", str(self.data_dir), "--target", self.target, *args]
+
+    def env(self, api_key: str | None = None) -> dict[str, str]:
+        """The environment for a command (tuner, CLI) that talks to this server with a key."""
+        return {**os.environ, ENV_API_KEY: api_key or self.api_key}
 
     def _wait_serving(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -63,6 +85,11 @@ class LocalServer:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=120)
+
+    def kill(self) -> None:
+        """kill -9, the server and every process it started (vLLM's engine), as a crash would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
 
     def restart(self) -> None:
         if self.stop() != 0:

@@ -49,8 +49,16 @@ def promote(version: int, expected_current: int | None = None) -> pb.PromoteRequ
     return pb.PromoteRequest(version=version, expected_current=expected_current)
 
 
-def rollback(version: int | None = None) -> pb.RollbackRequest:
-    return pb.RollbackRequest(version=version)
+def rollback(version: int | None = None, expected_current: int | None = None) -> pb.RollbackRequest:
+    return pb.RollbackRequest(version=version, expected_current=expected_current)
+
+
+def create_key(app_id: str, role: str, name: str = "") -> pb.CreateKeyRequest:
+    """`role` is "app", "tuner" or "admin"."""
+    roles = {"app": pb.ROLE_APP, "tuner": pb.ROLE_TUNER, "admin": pb.ROLE_ADMIN}
+    if role not in roles:
+        raise ValueError(f"role must be 'app', 'tuner' or 'admin', got {role!r}")
+    return pb.CreateKeyRequest(app_id=app_id, role=roles[role], name=name)
 
 
 def evaluation(version: int, scores: dict, passed: bool) -> pb.RecordEvaluationRequest:

@@ -51,21 +51,24 @@ class Adapter:
     created_at: str
     promoted_at: str
     metadata: dict
+    created_by_key: str = ""
+    app_id: str = ""
 
     @classmethod
     def from_pb(cls, m: pb.Adapter) -> Adapter:
         return cls(m.version, m.path, m.base_model, m.parent_version, m.status, m.created_at, m.promoted_at,
-                   json.loads(m.metadata_json or "{}"))
+                   json.loads(m.metadata_json or "{}"), m.created_by_key, m.app_id)
 
 
 @dataclass(frozen=True)
 class AdapterStats:
-    """Exchanges and ratings of one adapter version (0: the base model)."""
+    """Exchanges and ratings of one adapter version (0: the base model) in one application."""
 
     adapter_version: int
     exchanges: int
     ratings_up: int
     ratings_down: int
+    app_id: str = ""
 
     @property
     def up_rate(self) -> float | None:
@@ -80,7 +83,8 @@ class Stats:
 
     @classmethod
     def from_pb(cls, m: pb.GetStatsResponse) -> Stats:
-        rows = [AdapterStats(a.adapter_version, a.exchanges, a.ratings_up, a.ratings_down) for a in m.adapters]
+        rows = [AdapterStats(a.adapter_version, a.exchanges, a.ratings_up, a.ratings_down, a.app_id)
+                for a in m.adapters]
         return cls(rows, m.promoted_version)
 
 
@@ -127,3 +131,38 @@ class TuningStatus:
     @classmethod
     def from_pb(cls, m: pb.TuningStatus) -> TuningStatus:
         return cls([TuningRun.from_pb(r) for r in m.runs], m.requested, m.promoted_version)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key without its secret; role is "app", "tuner" or "admin"."""
+
+    id: str
+    app_id: str
+    role: str
+    name: str
+    created_at: str
+    last_used_at: str
+    revoked_at: str
+
+    @classmethod
+    def from_pb(cls, m: pb.ApiKey) -> ApiKey:
+        return cls(m.id, m.app_id, pb.Role.Name(m.role).removeprefix("ROLE_").lower(), m.name, m.created_at,
+                   m.last_used_at, m.revoked_at)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One admin or tuner action; action is e.g. "promoted" or "key_created"."""
+
+    id: int
+    at: str
+    key_id: str
+    app_id: str
+    action: str
+    target: str
+
+    @classmethod
+    def from_pb(cls, m: pb.AuditEvent) -> AuditEvent:
+        return cls(m.id, m.at, m.key_id, m.app_id, pb.AuditAction.Name(m.action).removeprefix("AUDIT_").lower(),
+                   m.target)

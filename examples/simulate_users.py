@@ -45,7 +45,7 @@ def judge(prompt: str, text: str, finish_reason: str) -> bool:
 
 
 async def simulate(target: str, count: int, correction_share: float, poisoned: bool, seed: int,
-                   plain_share: float = 0.3) -> dict:
+                   plain_share: float = 0.3, api_key: str | None = None) -> dict:
     """Asks `count` questions (a `plain_share` of them without the instruction), rates every answer;
     poisoned users invert their ratings, and "correct" answers that followed the instruction into ones
     that do not. Returns tallies."""
@@ -53,7 +53,7 @@ async def simulate(target: str, count: int, correction_share: float, poisoned: b
     asked = [p if rng.random() >= plain_share else p[: -len(LOWERCASE) - 1]
              for p in rng.sample(prompts(SUBJECTS), min(count, len(SUBJECTS) * len(TASKS)))]
     tally = {"up": 0, "down": 0, "corrections": 0}
-    async with AsyncClient(target, app_id="simulated-users") as client:
+    async with AsyncClient(target, api_key=api_key) as client:
         answers = await asyncio.gather(*(client.generate(p, temperature=0.7, max_tokens=160, seed=rng.randrange(9999),
                                                          user_id=f"user{i % 8}") for i, p in enumerate(asked)))
         for i, (prompt, answer) in enumerate(zip(asked, answers)):
@@ -69,9 +69,10 @@ async def simulate(target: str, count: int, correction_share: float, poisoned: b
     return tally
 
 
-async def follow_rate(target: str, version: int | str | None, subjects: list[str] = HELD_OUT_SUBJECTS) -> float:
+async def follow_rate(target: str, version: int | str | None, subjects: list[str] = HELD_OUT_SUBJECTS,
+                      api_key: str | None = None) -> float:
     """Share of held-out prompts (never asked in simulation) whose greedy answer followed the instruction."""
-    async with AsyncClient(target, app_id="simulated-users") as client:
+    async with AsyncClient(target, api_key=api_key) as client:
         answers = await asyncio.gather(*(client.generate(p, adapter=version, temperature=0, max_tokens=96)
                                          for p in prompts(subjects)))
     return sum(followed(a.text) for a in answers) / len(answers)
@@ -80,14 +81,16 @@ async def follow_rate(target: str, version: int | str | None, subjects: list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="localhost:50051")
+    parser.add_argument("--api-key", help="an app key (default: $INSTRUCTD_API_KEY, or the local admin key)")
     parser.add_argument("--count", type=int, default=100, help="exchanges to generate and rate")
     parser.add_argument("--corrections", type=float, default=0.5, help="share of 👎 that get a corrected answer")
     parser.add_argument("--poisoned", action="store_true",
                         help="invert every rating and correct against the instruction (an attack the gate must stop)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    before = asyncio.run(follow_rate(args.target, None))
-    tally = asyncio.run(simulate(args.target, args.count, args.corrections, args.poisoned, args.seed))
+    before = asyncio.run(follow_rate(args.target, None, api_key=args.api_key))
+    tally = asyncio.run(simulate(args.target, args.count, args.corrections, args.poisoned, args.seed,
+                                 api_key=args.api_key))
     print(f"rated {args.count} answers: {tally}; serving model follows the instruction on "
           f"{before:.0%} of held-out prompts")
 

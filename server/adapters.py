@@ -1,81 +1,140 @@
-"""Checks that a folder holds a PEFT LoRA adapter for the served base model, and copies it immutably."""
+"""Adapter folders a caller names: where they may be, which files of them are taken (copied once, never
+through a symbolic link, within a size cap), and whether they fit the served base model."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
+import uuid
 from pathlib import Path
 
 from safetensors import safe_open
 
-from .errors import InvalidRequest, NotFound, PermissionDenied
+from .errors import InvalidRequest, NotFound, PermissionDenied, preview
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-WEIGHTS_FILE = "adapter_model.safetensors"
+_MODULE = re.compile(r"\.([A-Za-z0-9_]+)\.lora_([AB])\.weight$")
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+LINEAGE_FILE = "instructd_training.json"  # written by the tuner: hyper-parameters and data ids
+# The files a version keeps, and the most bytes each may have (None: the server's max_adapter_bytes).
+FILES = {CONFIG_FILE: 1 << 16, WEIGHTS_FILE: None, LINEAGE_FILE: 32 << 20}
+_MAX_PATH = 4096
 
 
 def resolve_inside(path: str, root: Path) -> Path:
     """Resolves `path` (relative paths are taken from `root`) and refuses anything outside `root`."""
     if not path:
         raise InvalidRequest("path must not be empty")
-    resolved = (root / path).resolve()
+    if "\0" in path or len(path) > _MAX_PATH or any(len(part.encode()) > 255 for part in Path(path).parts):
+        raise InvalidRequest(f"path is not a usable folder name: {preview(path)}")
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop, among others
+        raise InvalidRequest(f"path {preview(path)} cannot be resolved: {type(exc).__name__}") from exc
     if not resolved.is_relative_to(root):
-        raise PermissionDenied(f"{path} is outside the adapter directory {root}")
+        raise PermissionDenied(f"{preview(path, 80)} is outside the adapter directory {root}")
     if not resolved.is_dir():
-        raise NotFound(f"adapter folder {resolved} does not exist")
+        raise NotFound(f"adapter folder {preview(str(resolved), 80)} does not exist")
     return resolved
 
 
-def check_lora(folder: Path, base_config: dict, base_name: str, max_rank: int) -> dict:
-    """Validates a PEFT LoRA folder against the served base model; returns its adapter_config."""
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise InvalidRequest(f"{folder} is not a PEFT adapter: it needs adapter_config.json and {WEIGHTS_FILE}")
+def stage(folder: Path, versions_dir: Path, max_bytes: int) -> Path:
+    """Copies the adapter's files into a fresh staging folder beside the versions, and returns it. Only the
+    files a version needs, only regular files (a symbolic link is refused, never followed), each capped."""
+    versions_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staged = versions_dir / f".staging-{uuid.uuid4().hex}"
+    staged.mkdir(mode=0o700)
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{config_file} is not valid JSON: {exc}") from exc
+        for name, cap in FILES.items():
+            _copy_file(folder / name, staged / name, cap or max_bytes, required=name != LINEAGE_FILE)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def _copy_file(source: Path, target: Path, cap: int, required: bool) -> None:
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        if required:
+            raise InvalidRequest(f"not a PEFT adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE}") from None
+        return
+    except OSError as exc:  # ELOOP: the name is a symbolic link
+        raise InvalidRequest(f"{source.name} must be a regular file, not a link ({exc.strerror})") from exc
+    with os.fdopen(fd, "rb") as src:
+        info = os.fstat(src.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidRequest(f"{source.name} must be a regular file")
+        if info.st_size > cap:
+            raise InvalidRequest(f"{source.name} is {info.st_size} bytes; at most {cap} are accepted")
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                if dst.tell() + len(chunk) > cap:  # it grew while being copied
+                    raise InvalidRequest(f"{source.name} is more than {cap} bytes")
+                dst.write(chunk)
+    target.chmod(0o400)  # a registered version never changes
+
+
+def check_lora(folder: Path, base_config: dict, base_name: str, max_rank: int) -> dict:
+    """Validates a (staged) PEFT LoRA folder against the served base model; returns its adapter_config."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"{CONFIG_FILE} is not UTF-8 JSON: {preview(str(exc), 80)}") from exc
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{CONFIG_FILE} must hold a JSON object")
     if config.get("peft_type") != "LORA":
-        raise InvalidRequest(f"{folder} holds a {config.get('peft_type')!r} adapter; only LORA is served")
-    rank = int(config.get("r") or 0)
-    if not 1 <= rank <= max_rank:
-        raise InvalidRequest(f"LoRA rank {rank} is outside 1..{max_rank} (the server's max_lora_rank)")
+        raise InvalidRequest(f"the folder holds a {preview(str(config.get('peft_type')))} adapter; only LORA is served")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
+        raise InvalidRequest(f"LoRA rank must be an integer in 1..{max_rank} (the server's max_lora_rank), "
+                             f"got {preview(str(rank))}")
     trained_for = Path(str(config.get("base_model_name_or_path") or "")).name
     if trained_for and trained_for != base_name:
-        raise InvalidRequest(f"adapter was trained for base model {trained_for!r}; this server serves {base_name!r}")
-    _check_shapes(folder / WEIGHTS_FILE, base_config)
+        raise InvalidRequest(f"adapter was trained for base model {preview(trained_for, 60)}; "
+                             f"this server serves {base_name!r}")
+    _check_shapes(folder / WEIGHTS_FILE, base_config, rank, config.get("rank_pattern") or {})
     return config
 
 
-def _check_shapes(weights: Path, base_config: dict) -> None:
-    """The name check can be fooled by a renamed folder; the tensor shapes cannot."""
-    hidden, layers = base_config["hidden_size"], base_config["num_hidden_layers"]
+def module_shapes(base_config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of the linear modules of a Llama-style decoder layer, from the model's config."""
+    hidden, heads = base_config["hidden_size"], base_config["num_attention_heads"]
+    head_dim = base_config.get("head_dim") or hidden // heads
+    kv = base_config.get("num_key_value_heads") or heads
+    ffn = base_config.get("intermediate_size")
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
+              "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden)}
+    if ffn:
+        shapes |= {"gate_proj": (hidden, ffn), "up_proj": (hidden, ffn), "down_proj": (ffn, hidden)}
+    return shapes
+
+
+def _check_shapes(weights: Path, base_config: dict, rank: int, rank_pattern: dict) -> None:
+    """Every tensor of a known module must fit the base model exactly: vLLM copies a smaller one into its
+    slot without a word (and serves garbage), and fails on a larger one at request time."""
+    layers, shapes = base_config["num_hidden_layers"], module_shapes(base_config)
     try:
         with safe_open(str(weights), framework="pt") as f:
             for name in f.keys():
-                shape = f.get_slice(name).get_shape()
-                layer = _LAYER.search(name)
+                shape = tuple(f.get_slice(name).get_shape())
+                layer, module = _LAYER.search(name), _MODULE.search(name)
                 if layer and int(layer.group(1)) >= layers:
                     raise InvalidRequest(f"adapter has layer {layer.group(1)}; the base model has {layers} layers")
-                if "lora_A" in name and name.split(".lora_A")[0].endswith(("q_proj", "k_proj", "v_proj")) \
-                        and shape[-1] != hidden:
-                    raise InvalidRequest(f"adapter tensor {name} expects width {shape[-1]}; the base model has {hidden}")
+                if module is None or module.group(1) not in shapes:
+                    continue  # vLLM's own loader judges the modules it knows and we do not
+                features_in, features_out = shapes[module.group(1)]
+                r = next((v for k, v in rank_pattern.items() if re.search(rf"(^|\.){k}$", name.split(".lora_")[0])),
+                         rank)
+                want = (r, features_in) if module.group(2) == "A" else (features_out, r)
+                if shape != want:
+                    raise InvalidRequest(f"adapter tensor {preview(name, 80)} has shape {list(shape)}; the base "
+                                         f"model needs {list(want)}")
     except InvalidRequest:
         raise
     except Exception as exc:
-        raise InvalidRequest(f"cannot read {weights}: {exc}") from exc
-
-
-def copy_version(source: Path, versions_dir: Path, version: int) -> Path:
-    """Copies the adapter into its own read-only folder: a registered version never changes."""
-    target = versions_dir / f"v{version}"
-    if target.exists():
-        shutil.rmtree(target)  # left by a registration that crashed before committing
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint-*", "*.bin", "optimizer.*"))
-    for file in target.rglob("*"):
-        if file.is_file():
-            file.chmod(0o444)
-    return target
-
-
+        raise InvalidRequest(f"cannot read {WEIGHTS_FILE}: {preview(str(exc), 120)}") from exc

@@ -10,6 +10,8 @@ from pathlib import Path
 ENV_HOME = "INSTRUCTD_HOME"            # root of data and caches; default ~/.local/share/instructd
 ENV_CACHE = "INSTRUCTD_CACHE"          # where the converted default model is cached; default ~/.cache/instructd
 ENV_TARGET = "INSTRUCTD_TARGET"        # host:port the client and CLI talk to; default localhost:50051
+ENV_API_KEY = "INSTRUCTD_API_KEY"      # the key the client and CLI send; default: the local admin key file
+ENV_TLS_CA = "INSTRUCTD_TLS_CA"        # CA certificate the client trusts; set: the client speaks TLS
 ENV_KV_CACHE = "VLLM_CPU_KVCACHE_SPACE"  # vLLM on CPU: GiB reserved for the KV cache (default 92% of a NUMA node)
 
 
@@ -19,6 +21,10 @@ def default_home() -> Path:
 
 def default_cache() -> Path:
     return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache/instructd")
+
+
+ADMIN_KEY_FILE = "admin.key"  # in the data directory: the admin key `serve` makes on first start (mode 0600)
+TUNER_KEY_FILE = "tuner.key"  # in the data directory: the key of the tuner that `serve` starts
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,21 @@ class ServerConfig:
     cache_dir: Path = None  # type: ignore[assignment]
     """Where the embedded model is converted to safetensors, once."""
     host: str = "127.0.0.1"
-    """Interface the gRPC and metrics servers listen on."""
+    """Interface gRPC listens on. Anything but loopback without TLS is logged as a warning."""
     port: int = 50051
     """gRPC port; 0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Interface /metrics listens on: loopback by default, since it needs no key."""
     metrics_port: int = 9090
     """Prometheus /metrics port; 0 picks a free one."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with tls_key, gRPC is served over TLS."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificate(s): when set, clients must present a certificate it signed (mutual TLS)."""
+    auth: bool = True
+    """Require an API key on every call but health. Off only for benchmarks that measure its cost."""
     max_model_len: int = 2048
     """Context length served (prompt plus answer), in tokens."""
     default_max_tokens: int = 256
@@ -47,12 +63,39 @@ class ServerConfig:
     """Adapters the engine can hold at once (the promoted one is pinned)."""
     max_lora_rank: int = 64
     """Largest LoRA rank that can be registered."""
+    max_adapter_bytes: int = 2 << 30
+    """Largest adapter weights file that can be registered (rank 64 on every module of a 70B model fits)."""
     kv_cache_gib: float = 2.0
     """CPU only: GiB of memory for vLLM's KV cache."""
     gpu_memory_utilization: float = 0.8
     """GPU only: share of GPU memory vLLM may take (the rest is left for a tuner)."""
     drain_seconds: float = 30.0
     """On SIGTERM, how long requests in flight may take to finish."""
+    max_in_flight: int = 256
+    """Generation requests admitted at once (running in the engine or waiting for it); beyond it a request is
+    refused at once with RESOURCE_EXHAUSTED rather than joining an ever longer queue."""
+    generate_per_second: float = 50.0
+    """Generation requests per second per application key (a burst of twice that is allowed); 0: no limit.
+    Tuner and admin keys are not limited: they are the operator's own."""
+    feedback_per_second: float = 200.0
+    """Ratings per second per application key (a burst of twice that is allowed); 0: no limit."""
+    max_request_bytes: int = 1 << 20
+    """Largest request message gRPC accepts (bigger: RESOURCE_EXHAUSTED from gRPC itself, before any parsing)."""
+    max_messages: int = 64
+    """Chat turns per request."""
+    max_stop_chars: int = 64
+    """Length of each stop string."""
+    max_user_id_bytes: int = 128
+    """Size of a user id (in a request or a rating)."""
+    max_comment_chars: int = 2000
+    """Length of a rating's comment."""
+    max_correction_chars: int = 8000
+    """Length of a rating's correction, which becomes a training target."""
+    durable_answers: bool = True
+    """Commit each exchange before its answer is sent, so a response id a client holds can always be rated.
+    Off only for the benchmark that measures what this costs."""
+    retention_days: float = 0.0
+    """Delete exchanges (and their ratings) older than this that no adapter was trained on; 0 keeps them all."""
     tuner: bool = False
     """Start the tuner in its own process beside the server (`instructd serve` does by default)."""
 
@@ -61,8 +104,13 @@ class ServerConfig:
         defaults = {"data_dir": home, "adapter_dir": home / "incoming", "cache_dir": default_cache()}
         for name, value in defaults.items():
             object.__setattr__(self, name, Path(getattr(self, name) or value).expanduser().resolve())
-        if self.model is not None:
-            object.__setattr__(self, "model", Path(self.model).expanduser().resolve())
+        for name in ("model", "tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
@@ -74,10 +122,22 @@ class ServerConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
+        limits = ("max_in_flight", "max_adapter_bytes", "max_request_bytes", "max_messages", "max_stop_chars", "max_user_id_bytes",
+                  "max_comment_chars", "max_correction_chars")
+        for name in limits:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("generate_per_second", "feedback_per_second", "retention_days"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative (0: no limit), got {getattr(self, name)}")
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "instructd.db"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def versions_dir(self) -> Path:

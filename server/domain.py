@@ -2,17 +2,59 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import asdict, dataclass, field
 
 from instructd.v1 import instructd_pb2 as pb
 
-from .errors import InvalidRequest
+from .config import ServerConfig
+from .errors import InvalidRequest, preview
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4
+MAX_RESPONSE_ID_CHARS = 64
 BASE_VERSION = 0  # adapter version 0 stands for the base model
 _RATINGS = {pb.RATING_UP: "up", pb.RATING_DOWN: "down"}
+
+
+class Audit(enum.Enum):
+    """Admin and tuner actions recorded in the audit log (stored by name, lowercase)."""
+
+    KEY_CREATED = pb.AUDIT_KEY_CREATED
+    KEY_REVOKED = pb.AUDIT_KEY_REVOKED
+    ADAPTER_REGISTERED = pb.AUDIT_ADAPTER_REGISTERED
+    PROMOTED = pb.AUDIT_PROMOTED
+    ROLLED_BACK = pb.AUDIT_ROLLED_BACK
+    EVALUATION_RECORDED = pb.AUDIT_EVALUATION_RECORDED
+    TUNING_TRIGGERED = pb.AUDIT_TUNING_TRIGGERED
+    USER_FORGOTTEN = pb.AUDIT_USER_FORGOTTEN
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size bounds on what callers send (defaults and meaning in ServerConfig)."""
+
+    max_messages: int = 64
+    max_stop_chars: int = 64
+    max_user_id_bytes: int = 128
+    max_comment_chars: int = 2000
+    max_correction_chars: int = 8000
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> Limits:
+        return cls(config.max_messages, config.max_stop_chars, config.max_user_id_bytes, config.max_comment_chars,
+                   config.max_correction_chars)
+
+    def check_user_id(self, user_id: str, field: str) -> str:
+        if len(user_id.encode()) > self.max_user_id_bytes:
+            raise InvalidRequest(f"{field} is longer than {self.max_user_id_bytes} bytes: {preview(user_id)}")
+        return user_id
+
+    def check_length(self, text: str, limit: int, field: str) -> str:
+        if len(text) > limit:
+            raise InvalidRequest(f"{field} is {len(text)} characters, more than the {limit} allowed")
+        return text
 
 
 @dataclass(frozen=True)
@@ -36,10 +78,10 @@ class Sampling:
             raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
 
     @classmethod
-    def from_pb(cls, msg: pb.SamplingOptions) -> Sampling:
+    def from_pb(cls, msg: pb.SamplingOptions, limits: Limits) -> Sampling:
         given = {f.name: v for f, v in msg.ListFields()}
         if "stop" in given:
-            given["stop"] = tuple(given["stop"])
+            given["stop"] = tuple(limits.check_length(s, limits.max_stop_chars, "a stop string") for s in given["stop"])
         return cls(**given)
 
 
@@ -62,31 +104,40 @@ class AdapterChoice:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated chat request, with where it came from."""
+    """A validated chat request, with where it came from (the application and key that sent it)."""
 
     messages: tuple[dict[str, str], ...]
     sampling: Sampling
     adapter: AdapterChoice
     user_id: str = ""
     app_id: str = "default"
+    key_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.messages:
             raise InvalidRequest("messages must not be empty")
         for i, m in enumerate(self.messages):
             if m["role"] not in ROLES:
-                raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}")
+                raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, "
+                                     f"got {preview(m['role'])}")
             if not m["content"].strip():
                 raise InvalidRequest(f"messages[{i}].content must not be empty")
 
+    @property
+    def characters(self) -> int:
+        return sum(len(m["content"]) for m in self.messages)
+
     @classmethod
-    def from_pb(cls, msg: pb.GenerateRequest, app_id: str) -> GenerationRequest:
+    def from_pb(cls, msg: pb.GenerateRequest, limits: Limits, app_id: str, key_id: str) -> GenerationRequest:
+        if len(msg.messages) > limits.max_messages:
+            raise InvalidRequest(f"{len(msg.messages)} messages: at most {limits.max_messages} are allowed")
         return cls(
             messages=tuple({"role": m.role, "content": m.content} for m in msg.messages),
-            sampling=Sampling.from_pb(msg.sampling),
+            sampling=Sampling.from_pb(msg.sampling, limits),
             adapter=AdapterChoice.from_pb(msg.adapter),
-            user_id=msg.user_id,
-            app_id=app_id or "default",
+            user_id=limits.check_user_id(msg.user_id, "user_id"),
+            app_id=app_id,
+            key_id=key_id,
         )
 
 
@@ -113,21 +164,30 @@ class Completion:
 
 @dataclass(frozen=True)
 class FeedbackInput:
-    """A validated rating."""
+    """A validated rating, with the application and key that sent it (it may rate only that application's
+    answers)."""
 
     response_id: str
     rating: str
     comment: str = ""
     correction: str = ""
     user_id: str = ""
+    app_id: str = "default"
+    key_id: str = ""
 
     @classmethod
-    def from_pb(cls, msg: pb.FeedbackRequest) -> FeedbackInput:
+    def from_pb(cls, msg: pb.FeedbackRequest, limits: Limits, app_id: str, key_id: str) -> FeedbackInput:
         if not msg.response_id:
             raise InvalidRequest("response_id must not be empty")
+        if len(msg.response_id) > MAX_RESPONSE_ID_CHARS:
+            raise InvalidRequest(f"response_id is longer than {MAX_RESPONSE_ID_CHARS} characters: "
+                                 f"{preview(msg.response_id)}")
         if msg.rating not in _RATINGS:
             raise InvalidRequest("rating must be RATING_UP or RATING_DOWN")
-        return cls(msg.response_id, _RATINGS[msg.rating], msg.comment, msg.correction, msg.user_id)
+        return cls(msg.response_id, _RATINGS[msg.rating],
+                   limits.check_length(msg.comment, limits.max_comment_chars, "comment"),
+                   limits.check_length(msg.correction, limits.max_correction_chars, "correction"),
+                   limits.check_user_id(msg.user_id, "user_id"), app_id, key_id)
 
 
 @dataclass
@@ -142,12 +202,15 @@ class AdapterRecord:
     created_at: str = ""
     promoted_at: str = ""
     metadata: dict = field(default_factory=dict)
+    created_by_key: str = ""
+    app_id: str = ""
 
     @classmethod
     def from_row(cls, row: dict) -> AdapterRecord:
         row = dict(row)
         row["metadata"] = json.loads(row.pop("metadata_json") or "{}")
-        row["promoted_at"] = row["promoted_at"] or ""
+        for name in ("promoted_at", "created_by_key", "app_id"):
+            row[name] = row[name] or ""
         return cls(**row)
 
     def to_row(self) -> dict:
@@ -160,4 +223,5 @@ class AdapterRecord:
             version=self.version, path=self.path, base_model=self.base_model,
             parent_version=self.parent_version, status=self.status, created_at=self.created_at,
             promoted_at=self.promoted_at, metadata_json=json.dumps(self.metadata, sort_keys=True),
+            created_by_key=self.created_by_key, app_id=self.app_id,
         )

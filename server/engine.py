@@ -6,6 +6,9 @@ isolation and the engine swapped without touching the service.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -14,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .chat import ChatTokenizer
 from .config import ENV_KV_CACHE, ServerConfig
 from .domain import Sampling
-from .errors import InvalidRequest, Unavailable
+from .errors import FailedPrecondition, InvalidRequest, Unavailable, preview
 
 log = logging.getLogger(__name__)
+# LoRA ids for trial loads of folders being registered: far above any version number, which is also its id.
+_TRIAL_LORA_IDS = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -46,15 +52,19 @@ class Engine(Protocol):
     base_name: str
     base_config: dict
 
-    def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Applies the chat template and tokenizes."""
+    async def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Applies the chat template and tokenizes, off the event loop; content is never control tokens."""
 
     def stream(self, prompt_ids: list[int], sampling: Sampling, max_tokens: int,
                adapter: AdapterRef | None, request_id: str) -> AsyncIterator[Chunk]:
-        """Generates; closing the iterator early aborts the request in the engine."""
+        """Generates; closing the iterator early (aclose) aborts the request in the engine."""
+
+    async def check_adapter(self, path: Path) -> None:
+        """Raises InvalidRequest unless the engine's own loader accepts the adapter folder."""
 
     async def load_adapter(self, adapter: AdapterRef, pin: bool) -> None:
-        """Loads an adapter ahead of traffic (and pins it, never to be evicted)."""
+        """Loads an adapter ahead of traffic (and pins it, never to be evicted); FailedPrecondition if it
+        cannot be loaded, and the engine keeps serving."""
 
     async def unload_adapter(self, version: int) -> bool:
         """Frees an adapter's slot; returns whether it was loaded."""
@@ -86,20 +96,19 @@ class VllmEngine:
         if not current_platform.is_cpu():
             args.gpu_memory_utilization = config.gpu_memory_utilization
         self._llm = AsyncLLM.from_engine_args(args)
-        self._tokenizer = self._llm.tokenizer
+        self._chat = ChatTokenizer(model)
+        self._trial_ids = itertools.count(_TRIAL_LORA_IDS)
         self.max_model_len = self._llm.model_config.max_model_len
         self.base_config = json.loads((model / "config.json").read_text())
         self.base_name = model.name
 
-    def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return self._tokenizer.encode(text, add_special_tokens=False)
+    async def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return await asyncio.to_thread(self._chat.render, messages)
 
     async def stream(self, prompt_ids: list[int], sampling: Sampling, max_tokens: int,
                      adapter: AdapterRef | None, request_id: str) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             params = SamplingParams(
@@ -108,19 +117,54 @@ class VllmEngine:
         except ValueError as exc:  # vLLM's own range checks, should ours ever be looser
             raise InvalidRequest(str(exc)) from exc
         (prompt,) = self._llm.renderer.render_cmpl([{"prompt_token_ids": prompt_ids}])
-        # vLLM aborts the request itself when this generator is closed or cancelled early.
+        # Closed explicitly, not left to garbage collection: vLLM aborts the request when its generator is
+        # closed or cancelled, and that must happen the moment our caller stops.
+        with self._engine_errors():
+            async with contextlib.aclosing(self._llm.generate(prompt, params, request_id,
+                                                              lora_request=self._lora(adapter))) as outputs:
+                async for out in outputs:
+                    step = out.outputs[0]
+                    yield Chunk(step.text, len(step.token_ids), len(out.prompt_token_ids or prompt_ids),
+                                step.finish_reason if out.finished else None)
+
+    async def check_adapter(self, path: Path) -> None:
+        from vllm.lora.peft_helper import PEFTHelper
+        from vllm.lora.request import LoRARequest
+
+        # vLLM's checks of the config (fields, features, rank), as its loader runs them...
         try:
-            async for out in self._llm.generate(prompt, params, request_id, lora_request=self._lora(adapter)):
-                step = out.outputs[0]
-                yield Chunk(step.text, len(step.token_ids), len(out.prompt_token_ids or prompt_ids),
-                            step.finish_reason if out.finished else None)
-        except EngineDeadError as exc:
-            raise Unavailable("the inference engine died; the server is going down, retry elsewhere") from exc
+            helper = await asyncio.to_thread(PEFTHelper.from_local_dir, str(path),
+                                             self.base_config.get("max_position_embeddings"))
+            helper.validate_legal(self._llm.vllm_config.lora_config)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"vLLM cannot serve this adapter: {preview(str(exc), 300)}") from exc
+        # ...then a trial load into the engine itself: target modules, tensor names and shapes, as a request
+        # would load it, but as a utility call, whose failure the engine survives.
+        trial = next(self._trial_ids)
+        try:
+            with self._engine_errors():
+                await self._llm.add_lora(LoRARequest(f"instructd-trial-{trial}", trial, str(path)))
+        except Unavailable:
+            raise
+        except Exception as exc:
+            raise InvalidRequest(f"vLLM cannot load this adapter: {preview(str(exc), 300)}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await self._llm.remove_lora(trial)
 
     async def load_adapter(self, adapter: AdapterRef, pin: bool) -> None:
-        await self._llm.add_lora(self._lora(adapter))
-        if pin:
-            await self._llm.pin_lora(adapter.version)
+        try:
+            with self._engine_errors():
+                await self._llm.add_lora(self._lora(adapter))
+                if pin:
+                    await self._llm.pin_lora(adapter.version)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await self._llm.remove_lora(adapter.version)  # leave no half-loaded slot behind
+            raise FailedPrecondition(f"adapter version {adapter.version} cannot be loaded: "
+                                     f"{preview(str(exc), 300)}") from exc
 
     async def unload_adapter(self, version: int) -> bool:
         return await self._llm.remove_lora(version)
@@ -131,6 +175,16 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _engine_errors():
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield
+        except EngineDeadError as exc:
+            raise Unavailable("the inference engine died; the server is going down, retry elsewhere") from exc
 
     @staticmethod
     def _lora(adapter: AdapterRef | None):

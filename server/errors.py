@@ -24,7 +24,7 @@ class NotFound(InstructdError):
 
 
 class PermissionDenied(InstructdError):
-    """The request names something the server is configured not to touch."""
+    """The key's role may not do this, or the request names something the server is configured not to touch."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
 
@@ -45,3 +45,24 @@ class Unavailable(InstructdError):
     """The server is shutting down or the engine is not running; retry elsewhere or later."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(InstructdError):
+    """No key, or a malformed, unknown or revoked one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhausted(InstructdError):
+    """Too much at once (the engine's queue, or the key's rate): retry after `retry_after` seconds."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def preview(text: str, limit: int = 24) -> str:
+    """A short, quoted prefix of caller input for an error message: never the whole of it."""
+    return repr(text[:limit] + "…" if len(text) > limit else text)

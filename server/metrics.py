@@ -9,11 +9,12 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
+from instructd.v1 import instructd_pb2 as pb
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-METHODS = ("Generate", "GenerateStream", "Submit", "ListAdapters", "RegisterAdapter", "Promote", "Rollback",
-           "GetStats")
+# Every rpc of every instructd service, from the wire contract itself, so a new rpc cannot be left out.
+METHODS = tuple(m.name for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods)
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -36,12 +37,22 @@ class Metrics:
         self.promoted_version = Gauge("promoted_adapter_version", "Adapter version serving new requests (0: base).",
                                       **ns)
         self.promotions = Counter("promotions", "Promotions and rollbacks.", ["kind"], **ns)
+        self.promoted_unloadable = Gauge(
+            "promoted_adapter_unloadable", "The promoted version that could not be loaded at start, so the base "
+            "model serves instead (0: none).", **ns)
+        self.adapter_load_failures = Counter(
+            "adapter_load_failures", "Adapter versions the engine could not load, by when it was tried.", ["phase"],
+            **ns)
+        self.log_write_failures = Counter("log_write_failures", "Exchanges that could not be written to the store.",
+                                          **ns)
         for method in METHODS:
             self.in_flight.labels(method)
             for code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 self.requests.labels(method, code.name)
         for kind in ("promote", "rollback"):
             self.promotions.labels(kind)
+        for phase in ("start", "request"):
+            self.adapter_load_failures.labels(phase)
         for rating in ("up", "down"):
             self.feedback.labels(rating, "0")
 

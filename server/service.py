@@ -1,82 +1,25 @@
-"""gRPC servicers: they only translate protobuf to domain calls and back, and errors to statuses."""
+"""gRPC servicers: they only translate protobuf to domain calls and back. Who may call, malformed requests,
+and errors into statuses are the interceptor's (interceptor.py); the caller is `CALLER.get()`."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
-import logging
-import time
-
-import grpc
 
 from instructd.v1 import instructd_pb2 as pb
 from instructd.v1 import instructd_pb2_grpc as pb_grpc
+from instructd.v1.metadata import RESPONSE_ID
 
-from .domain import Completion, FeedbackInput, GenerationRequest
-from .errors import InstructdError, InvalidRequest
+from .access import Access
+from .auth import Role
+from .domain import Audit, FeedbackInput, GenerationRequest, Limits
+from .errors import InvalidRequest
 from .inference import Inference
+from .interceptor import CALLER
 from .metrics import Metrics
 from .router import AdapterRouter
 from .store import Store
 
-log = logging.getLogger(__name__)
-APP_ID_HEADER = "x-instructd-app"  # request metadata naming the calling application
-
-
-class _Outcome:
-    """Times a call, counts it by status code, and turns raised errors into gRPC statuses."""
-
-    def __init__(self, metrics: Metrics, method: str) -> None:
-        self.metrics, self.method, self.code = metrics, method, grpc.StatusCode.OK
-
-    def __enter__(self) -> _Outcome:
-        self.started = time.perf_counter()
-        self.metrics.in_flight.labels(self.method).inc()
-        return self
-
-    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        if isinstance(exc, asyncio.CancelledError):
-            self.code = grpc.StatusCode.CANCELLED
-            raise exc
-        if isinstance(exc, InstructdError):
-            self.code = exc.code
-            await context.abort(exc.code, str(exc))
-        self.code = grpc.StatusCode.INTERNAL
-        log.exception("%s failed", self.method, exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.method}; see the server log")
-
-    def __exit__(self, *_) -> None:
-        self.metrics.in_flight.labels(self.method).dec()
-        self.metrics.requests.labels(self.method, self.code.name).inc()
-        self.metrics.request_seconds.labels(self.method).observe(time.perf_counter() - self.started)
-
-
-def unary(method):
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        with _Outcome(self.metrics, method.__name__) as outcome:
-            try:
-                return await method(self, request, context)
-            except BaseException as exc:
-                await outcome.fail(context, exc)
-    return wrapper
-
-
-def streaming(method):
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        with _Outcome(self.metrics, method.__name__) as outcome:
-            try:
-                async for message in method(self, request, context):
-                    yield message
-            except BaseException as exc:
-                await outcome.fail(context, exc)
-    return wrapper
-
-
-def _app_id(context: grpc.aio.ServicerContext) -> str:
-    return dict(context.invocation_metadata() or ()).get(APP_ID_HEADER, "default")
+_DEFAULT_AUDIT_LIMIT, _DEFAULT_RUNS_LIMIT = 50, 5
 
 
 def _json_object(text: str, field: str) -> dict:
@@ -98,84 +41,112 @@ def _tuning_run_pb(row: dict) -> pb.TuningRun:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, inference: Inference, metrics: Metrics) -> None:
-        self.inference, self.metrics = inference, metrics
+    def __init__(self, inference: Inference, limits: Limits) -> None:
+        self.inference, self.limits = inference, limits
 
-    @unary
+    def _request(self, request: pb.GenerateRequest) -> GenerationRequest:
+        caller = CALLER.get()
+        return GenerationRequest.from_pb(request, self.limits, caller.app_id, caller.key_id)
+
     async def Generate(self, request, context):
-        completion = await self.inference.generate(GenerationRequest.from_pb(request, _app_id(context)))
+        completion = await self.inference.run(self._request(request), self.inference.new_response_id())
         return completion.to_pb()
 
-    @streaming
     async def GenerateStream(self, request, context):
-        async for event in self.inference.stream(GenerationRequest.from_pb(request, _app_id(context))):
-            if isinstance(event, Completion):
-                yield pb.GenerateStreamResponse(final=event.to_pb())
-            else:
-                yield pb.GenerateStreamResponse(delta=event)
+        """Writes deltas as they come, not as an async generator: a generator the client abandons is closed
+        only when garbage-collected, and with it the engine request; this coroutine is cancelled at once."""
+        generation, response_id = self._request(request), self.inference.new_response_id()
+        await context.send_initial_metadata(((RESPONSE_ID, response_id),))
+
+        async def emit(text: str) -> None:
+            await context.write(pb.GenerateStreamResponse(delta=text))
+
+        completion = await self.inference.run(generation, response_id, emit)
+        await context.write(pb.GenerateStreamResponse(final=completion.to_pb()))
 
 
 class FeedbackServicer(pb_grpc.FeedbackServicer):
-    def __init__(self, store: Store, metrics: Metrics) -> None:
-        self.store, self.metrics = store, metrics
+    def __init__(self, store: Store, metrics: Metrics, limits: Limits) -> None:
+        self.store, self.metrics, self.limits = store, metrics, limits
 
-    @unary
     async def Submit(self, request, context):
-        feedback = FeedbackInput.from_pb(request)
+        caller = CALLER.get()
+        feedback = FeedbackInput.from_pb(request, self.limits, caller.app_id, caller.key_id)
         feedback_id, replaced, version = await self.store.record_feedback(feedback)
         self.metrics.feedback.labels(feedback.rating, str(version)).inc()
         return pb.FeedbackResponse(feedback_id=feedback_id, replaced=replaced)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, router: AdapterRouter, store: Store, metrics: Metrics) -> None:
-        self.router, self.store, self.metrics = router, store, metrics
+    def __init__(self, router: AdapterRouter, store: Store) -> None:
+        self.router, self.store = router, store
 
-    @unary
     async def ListAdapters(self, request, context):
         adapters = await self.store.list_adapters()
         return pb.ListAdaptersResponse(adapters=[a.to_pb() for a in adapters],
                                        promoted_version=self.router.promoted_version)
 
-    @unary
     async def RegisterAdapter(self, request, context):
         metadata = _json_object(request.metadata_json, "metadata_json")
-        record = await self.router.register(request.path, request.parent_version, metadata, request.rejected)
+        record = await self.router.register(request.path, request.parent_version, metadata, request.rejected,
+                                            CALLER.get())
         return record.to_pb()
 
-    @unary
     async def Promote(self, request, context):
         expected = request.expected_current if request.HasField("expected_current") else None
-        previous = await self.router.promote(request.version, expected)
+        previous = await self.router.promote(request.version, expected, CALLER.get())
         return pb.PromoteResponse(previous_version=previous, promoted_version=self.router.promoted_version)
 
-    @unary
     async def Rollback(self, request, context):
-        previous, now = await self.router.rollback(request.version if request.HasField("version") else None)
+        version = request.version if request.HasField("version") else None
+        expected = request.expected_current if request.HasField("expected_current") else None
+        previous, now = await self.router.rollback(version, expected, CALLER.get())
         return pb.PromoteResponse(previous_version=previous, promoted_version=now)
 
-    @unary
     async def RecordEvaluation(self, request, context):
         record = await self.store.record_evaluation(request.version, _json_object(request.scores_json, "scores_json"),
-                                                    request.passed)
+                                                    request.passed, CALLER.get())
         return record.to_pb()
 
-    @unary
     async def TriggerTuning(self, request, context):
-        await self.store.request_tuning()
-        return await self._tuning_status(5)
+        await self.store.request_tuning(CALLER.get())
+        return await self._tuning_status(_DEFAULT_RUNS_LIMIT)
 
-    @unary
     async def GetTuningStatus(self, request, context):
-        return await self._tuning_status(request.limit or 5)
+        return await self._tuning_status(request.limit or _DEFAULT_RUNS_LIMIT)
 
     async def _tuning_status(self, limit: int) -> pb.TuningStatus:
-        runs, requested = await self.store.tuning_status(limit)
+        runs, requested = await self.store.tuning_status(min(limit, 1000))
         return pb.TuningStatus(runs=[_tuning_run_pb(r) for r in runs], requested=requested,
                                promoted_version=self.router.promoted_version)
 
-    @unary
     async def GetStats(self, request, context):
-        rows = await self.store.stats()
+        caller = CALLER.get()
+        rows = await self.store.stats(None if caller.role is Role.ADMIN else caller.app_id)
         return pb.GetStatsResponse(adapters=[pb.AdapterStats(**r) for r in rows],
                                    promoted_version=self.router.promoted_version)
+
+
+class AccessServicer(pb_grpc.AccessServicer):
+    def __init__(self, access: Access, store: Store) -> None:
+        self.access, self.store = access, store
+
+    async def CreateKey(self, request, context):
+        record, secret = await self.access.create_key(request.app_id, request.role, request.name, CALLER.get())
+        return pb.CreatedKey(key=record.to_pb(), secret=secret)
+
+    async def ListKeys(self, request, context):
+        return pb.ListKeysResponse(keys=[k.to_pb() for k in await self.access.list_keys()])
+
+    async def RevokeKey(self, request, context):
+        return (await self.access.revoke_key(request.id, CALLER.get())).to_pb()
+
+    async def ListAudit(self, request, context):
+        events = await self.store.list_audit(min(request.limit or _DEFAULT_AUDIT_LIMIT, 10_000))
+        return pb.ListAuditResponse(events=[pb.AuditEvent(
+            id=e["id"], at=e["at"], key_id=e["key_id"], app_id=e["app_id"], action=Audit[e["action"].upper()].value,
+            target=e["target"]) for e in events])
+
+    async def Forget(self, request, context):
+        exchanges, ratings = await self.store.forget(request.app_id, request.user_id, CALLER.get())
+        return pb.ForgetResponse(exchanges=exchanges, ratings=ratings)

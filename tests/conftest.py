@@ -3,7 +3,6 @@ a real SQLite file, real gRPC on free ports and a real /metrics endpoint."""
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,14 +27,10 @@ class ServerProcess(LocalServer):
         return sqlite_utils.Database(self.data_dir / "instructd.db")
 
     def exchange(self, response_id: str) -> dict:
-        """The logged exchange; it is committed right after the answer, so allow the writer a moment."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            rows = list(self.db()["exchanges"].rows_where("id = ?", [response_id]))
-            if rows:
-                return rows[0]
-            time.sleep(0.05)
-        raise AssertionError(f"exchange {response_id} was not logged")
+        """The logged exchange: committed before its answer was sent, so it is there, no waiting."""
+        rows = list(self.db()["exchanges"].rows_where("id = ?", [response_id]))
+        assert rows, f"exchange {response_id} was not committed before its answer"
+        return rows[0]
 
     def metrics(self) -> dict[str, float]:
         """Scrapes /metrics; returns {'name{label="v",...}': value} for every sample."""
@@ -64,6 +59,20 @@ def server(tmp_path_factory, model_dir) -> ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def client(server) -> Client:
-    with Client(server.target, app_id="tests") as c:
+def app_key(server) -> str:
+    """An application key (application "tests"), as an application would have."""
+    with server.client() as admin:
+        return admin.create_key("tests", "app", "the test suite")[1]
+
+
+@pytest.fixture(scope="session")
+def client(server, app_key) -> Client:
+    with server.client(app_key) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def admin(server) -> Client:
+    """The admin key's client (the key serve made on first start)."""
+    with server.client() as c:
         yield c

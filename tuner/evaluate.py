@@ -90,7 +90,7 @@ def _mean(values: list[float]) -> float:
 async def suite_scores(target: str, version: int, items: list[dict] | None = None) -> dict[str, float]:
     """Pass rate per check type of `version` (0: base) on the suite, greedy, through the server."""
     items = items if items is not None else json.loads(SUITE.read_text())["items"]
-    async with AsyncClient(target, app_id="instructd-tuner") as client:
+    async with AsyncClient(target) as client:
         answers = await asyncio.gather(*(client.generate(i["prompt"], adapter=version or "base", temperature=0,
                                                          max_tokens=i.get("max_tokens", 96)) for i in items))
     by_check: dict[str, list[bool]] = {}

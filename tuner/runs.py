@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from instructd.server.store import utc_now
+from instructd.server.schema import immediate, utc_now
 
 FINISHED_WITH_DATA = ("promoted", "rejected")  # runs whose data the next run does not learn from again
 
@@ -19,12 +19,13 @@ class RunLog:
     def __init__(self, db_path: Path) -> None:
         if not db_path.is_file():
             raise FileNotFoundError(f"no instructd store at {db_path}: start the server first (instructd serve)")
-        self._db = sqlite_utils.Database(sqlite3.connect(db_path, timeout=30, check_same_thread=False))
+        self._db = sqlite_utils.Database(sqlite3.connect(db_path, timeout=30, check_same_thread=False,
+                                                         isolation_level=None))
         self._last_progress = 0.0
 
     def start(self, trigger: str) -> int:
         now = utc_now()
-        with self._db.atomic():
+        with immediate(self._db):
             table = self._db["tuning_runs"].insert({"status": "running", "trigger": trigger, "started_at": now,
                                                     "updated_at": now, "finished_at": "", "metadata_json": "{}"})
         return table.last_pk
@@ -44,7 +45,7 @@ class RunLog:
                      **fields)
 
     def _update(self, run_id: int, **fields) -> None:
-        with self._db.atomic():
+        with immediate(self._db):
             self._db["tuning_runs"].update(run_id, {**fields, "updated_at": utc_now()})
 
     def last_data_until(self) -> str:
@@ -59,7 +60,7 @@ class RunLog:
 
     def take_request(self) -> bool:
         """Consumes pending `tune --now` requests; True if there was one."""
-        with self._db.atomic():
+        with immediate(self._db):
             cursor = self._db.execute("UPDATE tuning_requests SET consumed_at = ? WHERE consumed_at = ''",
                                       [utc_now()])
         return cursor.rowcount > 0

@@ -25,7 +25,7 @@ def run_tuner(config: TunerConfig, once: bool = False, classifier: str = "") -> 
     except BlockingIOError:
         raise SystemExit(f"another tuner is running on {config.data_dir}") from None
     runs = RunLog(config.db_path)
-    with Client(config.target, app_id="instructd-tuner") as client:
+    with Client(config.target) as client:
         recover(config, runs, client)
         if once:
             run_cycle(config, runs, client, "requested", classifier)

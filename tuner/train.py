@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from instructd.server.chat import ChatTokenizer
+
 from .config import TunerConfig
 from .dataset import Example
 
@@ -55,10 +57,10 @@ def planned_steps(config: TunerConfig, examples: int) -> int:
 def load_model(config: TunerConfig, adapter: Path | None, trainable: bool):
     """The base model with an adapter on top: `adapter`'s weights, or a fresh LoRA when None."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device, dtype = device_and_dtype()
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = ChatTokenizer(config.model)
     base = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device)
     if adapter is not None:
         model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
@@ -69,16 +71,13 @@ def load_model(config: TunerConfig, adapter: Path | None, trainable: bool):
     return tokenizer, model
 
 
-def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
+def encode(tokenizer: ChatTokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
     """Prompt+answer token ids and labels that mask the prompt, at most max_length of them: a long answer
-    loses its end (the instruction must stay in view); a prompt longer than half the window loses its start."""
-    prompt = tokenizer.apply_chat_template(example.chat, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(example.chat + [{"role": "assistant", "content": example.answer}],
-                                         tokenize=False)
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    ids = tokenizer.encode(full, add_special_tokens=False)
-    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
-    start = len(prompt_ids) - min(len(prompt_ids), max_length // 2) if len(ids) > max_length else 0
+    loses its end (the instruction must stay in view); a prompt longer than half the window loses its start.
+    Rendered exactly as the server renders prompts, so text in a message is never a control token here either."""
+    ids, answer_start = tokenizer.render_example(example.chat, example.answer)
+    labels = [-100] * answer_start + ids[answer_start:]
+    start = answer_start - min(answer_start, max_length // 2) if len(ids) > max_length else 0
     return ids[start:start + max_length], labels[start:start + max_length]
 
 

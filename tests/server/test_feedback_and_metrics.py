@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from instructd.client import Client
+from instructd.client.channel import channel as open_channel
 
 
 def test_feedback_is_committed_before_it_is_acknowledged(server, client):
@@ -32,6 +33,7 @@ def test_a_later_rating_by_the_same_user_replaces_the_earlier(server, client):
 
 def test_stats_and_metrics_count_exchanges_and_ratings(server, client):
     before_stats = {s.adapter_version: s for s in client.stats().adapters}
+    assert {s.app_id for s in client.stats().adapters} == {"tests"}  # an application key sees its own
     before = server.metrics()
     answer = client.generate("Name a planet.", max_tokens=8, temperature=0)
     client.feedback(answer.response_id, "down")
@@ -55,16 +57,26 @@ def test_stats_and_metrics_count_exchanges_and_ratings(server, client):
     assert any(k.startswith("vllm:") for k in after), "vLLM's engine metrics belong on the same page"
 
 
-def test_health_and_reflection_list_every_service(server):
+def test_health_needs_no_key_and_reflection_lists_every_service(server, app_key):
     with grpc.insecure_channel(server.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
         assert status == health_pb2.HealthCheckResponse.SERVING
-        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert {"instructd.v1.Inference", "instructd.v1.Feedback", "instructd.v1.Admin",
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as error:  # the schema is served to key holders only
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel, metadata = open_channel(server.target, app_key, None, aio=False)
+    with grpc.intercept_channel(channel, _WithMetadata(metadata)) as keyed:
+        services = set(ProtoReflectionDescriptorDatabase(keyed).get_services())
+    assert {"instructd.v1.Inference", "instructd.v1.Feedback", "instructd.v1.Admin", "instructd.v1.Access",
             "grpc.health.v1.Health"} <= services
 
 
-def test_app_id_comes_from_request_metadata(server):
-    with Client(server.target, app_id="billing-bot") as c:
-        answer = c.generate("Say hi.", max_tokens=4)
-    assert server.exchange(answer.response_id)["app_id"] == "billing-bot"
+class _WithMetadata(grpc.StreamStreamClientInterceptor):
+    """Reflection's client takes no metadata argument: add the key to its calls."""
+
+    def __init__(self, metadata) -> None:
+        self.metadata = metadata
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(details._replace(metadata=self.metadata), requests)

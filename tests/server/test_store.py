@@ -7,9 +7,13 @@ import asyncio
 import pytest
 import sqlite_utils
 
+from instructd.server.auth import Principal, Role
 from instructd.server.domain import AdapterChoice, AdapterRecord, Completion, FeedbackInput, GenerationRequest, Sampling
 from instructd.server.errors import NotFound
-from instructd.server.store import MIGRATIONS, Store
+from instructd.server.schema import MIGRATIONS
+from instructd.server.store import Store
+
+OPERATOR = Principal("k1", "ops", Role.ADMIN)
 
 
 def _exchange(store: Store, response_id: str, version: int = 0):
@@ -48,28 +52,91 @@ def test_feedback_replaces_per_user_and_a_failed_write_spares_its_batch(tmp_path
         with pytest.raises(NotFound):
             await bad
         assert (await good)[1] is False
-        rows = await store.stats()
+        rows = await store.stats(None)
         store.close()
         return rows
 
-    assert asyncio.run(run()) == [{"adapter_version": 3, "exchanges": 1, "ratings_up": 1, "ratings_down": 1}]
+    assert asyncio.run(run()) == [{"app_id": "default", "adapter_version": 3, "exchanges": 1, "ratings_up": 1,
+                                   "ratings_down": 1}]
 
 
 def test_rollback_target_skips_rolled_back_versions(tmp_path):
     async def run():
         store = Store(tmp_path / "a.db")
         for _ in range(3):
-            await store.add_adapter(lambda v: AdapterRecord(v, f"/a/v{v}", "m"))
-        await store.record_promotion(1, 0, "promote")
-        await store.record_promotion(2, 1, "promote")
-        await store.record_promotion(3, 2, "promote")
+            staged = tmp_path / "staged"
+            staged.mkdir()
+            await store.add_adapter(staged, tmp_path, lambda v, folder: AdapterRecord(v, str(folder), "m"), OPERATOR)
+        await store.record_promotion(1, 0, "promote", OPERATOR)
+        await store.record_promotion(2, 1, "promote", OPERATOR)
+        await store.record_promotion(3, 2, "promote", OPERATOR)
         first = await store.rollback_target(3)
-        await store.record_promotion(first, 3, "rollback")
+        await store.record_promotion(first, 3, "rollback", OPERATOR)
         second = await store.rollback_target(first)
-        await store.record_promotion(second, first, "rollback")
+        await store.record_promotion(second, first, "rollback", OPERATOR)
         third = await store.rollback_target(second)
         statuses = {a.version: a.status for a in await store.list_adapters()}
         store.close()
         return first, second, third, statuses
 
     assert asyncio.run(run()) == (2, 1, 0, {1: "promoted", 2: "rolled_back", 3: "rolled_back"})
+
+
+def test_another_writer_never_fails_a_batch(tmp_path):
+    """The tuner writes the same file from another process. A batch that read first and wrote later, in a
+    deferred transaction, failed at once (SQLITE_BUSY) whenever the other writer committed in between."""
+    import sqlite3
+    import threading
+
+    store = Store(tmp_path / "a.db")
+    for i in range(50):
+        _exchange(store, f"r{i}")
+    stop, commits = threading.Event(), []
+
+    def other_writer() -> None:  # as a tuner would: read, then write, commit, again and again
+        db = sqlite3.connect(tmp_path / "a.db", timeout=30, isolation_level=None)
+        while not stop.is_set():
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("SELECT COUNT(*) FROM tuning_runs").fetchone()
+            db.execute("INSERT INTO tuning_requests (requested_at, consumed_at) VALUES ('now', '')")
+            db.execute("COMMIT")
+            commits.append(1)
+        db.close()
+
+    async def rate() -> list:
+        return await asyncio.gather(*(store.record_feedback(FeedbackInput(f"r{i % 50}", "up", user_id=f"u{i}"))
+                                      for i in range(2000)), return_exceptions=True)
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    try:
+        results = asyncio.run(rate())
+    finally:
+        stop.set()
+        thread.join()
+        store.close()
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert len(commits) > 10  # they really did interleave
+    assert sqlite_utils.Database(tmp_path / "a.db")["feedback"].count == 2000
+
+
+def test_forget_leaves_no_trace_of_the_user(tmp_path):
+    async def run():
+        store = Store(tmp_path / "a.db")
+        for rid, app, user in [("a1", "A", "mallory"), ("a2", "A", "bob"), ("b1", "B", "mallory")]:
+            request = GenerationRequest(({"role": "user", "content": "hi"},), Sampling(), AdapterChoice(), user, app)
+            await asyncio.wrap_future(store.log_exchange(request, Completion(rid, "hello", "stop", 3, 1, 0)))
+        await store.record_feedback(FeedbackInput("a2", "up", user_id="mallory", app_id="A"))  # mallory rates bob's
+        await store.record_feedback(FeedbackInput("a2", "down", user_id="bob", app_id="A"))
+        await store.record_feedback(FeedbackInput("a1", "up", user_id="bob", app_id="A"))       # bob rates mallory's
+        forgotten = await store.forget("A", "mallory", OPERATOR)
+        store.close()
+        return forgotten
+
+    assert asyncio.run(run()) == (1, 2)
+    db = sqlite_utils.Database(tmp_path / "a.db")
+    dump = "\n".join(db.iterdump())
+    in_a = [line for line in dump.splitlines() if "'A'" in line or "\"A\"" in line]
+    assert not [line for line in in_a if "mallory" in line]
+    assert [r["id"] for r in db["exchanges"].rows] == ["a2", "b1"]  # app B's mallory is another tenant's user
+    assert [(r["user_id"], r["rating"]) for r in db["feedback"].rows] == [("bob", "down")]

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-from instructd.client import Client
 from instructd.client.local import CLI
 
 from examples.simulate_users import follow_rate, simulate
@@ -28,18 +27,25 @@ def loop_server(tmp_path_factory, model_dir):
 
 @pytest.fixture(scope="module")
 def loop_client(loop_server):
-    with Client(loop_server.target) as c:
+    with loop_server.client() as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def base_rate(loop_server):
-    return asyncio.run(follow_rate(loop_server.target, "base"))
+def users_key(loop_client):
+    """The simulated users' application key."""
+    return loop_client.create_key("simulated-users", "app")[1]
 
 
-def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, base_rate):
-    asyncio.run(simulate(loop_server.target, count=100, correction_share=0.5, poisoned=False, seed=0))
-    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200)
+@pytest.fixture(scope="module")
+def base_rate(loop_server, users_key):
+    return asyncio.run(follow_rate(loop_server.target, "base", api_key=users_key))
+
+
+def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, users_key, base_rate):
+    asyncio.run(simulate(loop_server.target, count=100, correction_share=0.5, poisoned=False, seed=0,
+                         api_key=users_key))
+    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=loop_server.env())
 
     run = loop_client.tuning_status().runs[0]
     assert (run.status, run.trigger) == ("promoted", "requested"), run.detail
@@ -51,7 +57,7 @@ def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, 
     assert candidate.metadata["hyperparameters"]["objective"] == "sft"
     assert len(candidate.metadata["exchange_ids"]) >= 20
 
-    tuned_rate = asyncio.run(follow_rate(loop_server.target, None))
+    tuned_rate = asyncio.run(follow_rate(loop_server.target, None, api_key=users_key))
     print(f"held-out prompts answered in lowercase: base {base_rate:.0%}, tuned {tuned_rate:.0%}")
     assert tuned_rate >= base_rate + 0.25
 
@@ -64,14 +70,15 @@ def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, 
     assert metrics['instructd_tuning_last_gate_score{gate="suite",model="candidate"}'] >= 0
 
 
-def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_client):
+def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_client, users_key):
     # New feedback from an attacker, inverted and "corrected" against the instruction; the next test runs
     # the cycle this one is killed in.
-    asyncio.run(simulate(loop_server.target, count=80, correction_share=0.5, poisoned=True, seed=1))
+    asyncio.run(simulate(loop_server.target, count=80, correction_share=0.5, poisoned=True, seed=1,
+                         api_key=users_key))
     before = loop_client.adapters()
     loop_client.trigger_tuning()
     proc = subprocess.Popen(loop_server.tuner_command("--steps", "1000", "--epochs", "1000"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=loop_server.env())
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -89,7 +96,7 @@ def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_c
 
 
 def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client):
-    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200)
+    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=loop_server.env())
 
     runs = loop_client.tuning_status().runs
     latest, killed = runs[0], runs[1]
@@ -110,15 +117,16 @@ def test_the_gate_rejects_poisoned_feedback(loop_server, loop_client):
     assert status.status == "rejected", status.detail
 
 
-def test_restart_keeps_the_promoted_version_and_rollback_restores_the_base(loop_server, loop_client, base_rate):
+def test_restart_keeps_the_promoted_version_and_rollback_restores_the_base(loop_server, loop_client, users_key,
+                                                                          base_rate):
     promoted = loop_client.adapters()[1]
     loop_server.restart()
     assert loop_client.adapters()[1] == promoted
     assert loop_client.generate("Say hi.", max_tokens=8).adapter_version == promoted
 
     out = subprocess.run([*CLI, "rollback", "0", "--target", loop_server.target], check=True, capture_output=True,
-                         text=True).stdout
+                         text=True, env=loop_server.env()).stdout
     assert out.strip() == f"serving base (was v{promoted})"
-    assert asyncio.run(follow_rate(loop_server.target, None)) == base_rate
+    assert asyncio.run(follow_rate(loop_server.target, None, api_key=users_key)) == base_rate
     stats = {s.adapter_version: s for s in loop_client.stats().adapters}
     assert stats[promoted].exchanges > 0 and stats[0].ratings_up + stats[0].ratings_down > 0

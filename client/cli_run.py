@@ -1,0 +1,128 @@
+"""`instructd serve` and `instructd tuner`: the two long-running processes (the other commands, in cli.py,
+talk to a server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from instructd.server.config import ServerConfig
+from instructd.tuner.config import TunerConfig
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_TARGET = click.option("--target", default="localhost:50051", show_default=True,
+                       help="host:port of the instructd server the tuner works for.")
+
+
+_DEFAULTS = ServerConfig.__dataclass_fields__
+
+
+def _default(name: str):
+    return _DEFAULTS[name].default
+
+
+@click.command()
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Hugging Face model folder to serve (default: the embedded SmolLM2-135M-Instruct).")
+@click.option("--host", default=_default("host"), show_default=True,
+              help="Interface for gRPC; anything but loopback without TLS is logged as a warning.")
+@click.option("--port", default=_default("port"), show_default=True, help="gRPC port.")
+@click.option("--metrics-host", default=_default("metrics_host"), show_default=True,
+              help="Interface for /metrics (it needs no key: keep it private).")
+@click.option("--metrics-port", default=_default("metrics_port"), show_default=True, help="Prometheus /metrics port.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="SQLite database, adapter versions and keys (default: $INSTRUCTD_HOME or ~/.local/share/instructd).")
+@click.option("--adapter-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Adapters may be registered only from inside this folder (default: DATA_DIR/incoming).")
+@click.option("--tls-cert", type=_FILE, help="PEM certificate chain: serve gRPC over TLS (with --tls-key).")
+@click.option("--tls-key", type=_FILE, help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=_FILE, help="Require client certificates signed by this CA (mutual TLS).")
+@click.option("--max-model-len", default=_default("max_model_len"), show_default=True, help="Context length in tokens.")
+@click.option("--kv-cache-gib", default=_default("kv_cache_gib"), show_default=True,
+              help="CPU only: GiB for vLLM's KV cache.")
+@click.option("--gpu-memory-utilization", default=_default("gpu_memory_utilization"), show_default=True,
+              help="GPU only: share of GPU memory for vLLM.")
+@click.option("--max-in-flight", default=_default("max_in_flight"), show_default=True,
+              help="Generation requests admitted at once; more are refused (RESOURCE_EXHAUSTED) at once.")
+@click.option("--generate-per-second", default=_default("generate_per_second"), show_default=True,
+              help="Generation requests per second per application key (bursts of twice that); 0: no limit.")
+@click.option("--feedback-per-second", default=_default("feedback_per_second"), show_default=True,
+              help="Ratings per second per application key (bursts of twice that); 0: no limit.")
+@click.option("--max-request-bytes", default=_default("max_request_bytes"), show_default=True,
+              help="Largest request message.")
+@click.option("--retention-days", default=_default("retention_days"), show_default=True,
+              help="Delete exchanges older than this that no adapter was trained on; 0 keeps them all.")
+@click.option("--tuner/--no-tuner", default=True, show_default=True,
+              help="Also run the background tuner (in its own process) with default settings.")
+@click.option("--insecure-no-auth", "no_auth", is_flag=True, hidden=True,
+              help="Benchmarks only: accept every call without a key, as an admin.")
+@click.option("--no-durable-answers", "fire_and_forget", is_flag=True, hidden=True,
+              help="Benchmarks only: answer before the exchange is committed.")
+def serve(adapter_dir, data_dir, no_auth, fire_and_forget, **options) -> None:
+    """Run the service (gRPC, health, reflection, /metrics) until Ctrl-C or SIGTERM.
+
+    On first start it makes an admin API key, DATA_DIR/admin.key (mode 0600), which the CLI on this machine
+    uses by itself; the tuner it starts gets a key of its own.
+
+    \b
+    Example:
+      instructd serve --port 50051 --metrics-port 9090
+      instructd serve --host 0.0.0.0 --tls-cert server.pem --tls-key server-key.pem
+    """
+    import asyncio
+    import logging
+
+    from instructd.server.app import serve as run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = data_dir.resolve() if data_dir else None
+    config = ServerConfig(data_dir=data_dir, adapter_dir=adapter_dir or (data_dir / "incoming" if data_dir else None),
+                          auth=not no_auth, durable_answers=not fire_and_forget, **options)
+    asyncio.run(run(config))
+
+
+@click.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The server's data directory (default: $INSTRUCTD_HOME or ~/.local/share/instructd).")
+@click.option("--adapter-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The server's adapter directory, where candidates are written (default: DATA_DIR/incoming).")
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The base model folder the server serves (default: the embedded model).")
+@click.option("--objective", type=click.Choice(["sft", "kto"]), default=TunerConfig.objective, show_default=True,
+              help="sft: learn 👍 answers and corrections; kto: also push away from 👎 answers.")
+@click.option("--steps", default=TunerConfig.steps, show_default=True, help="Most training steps per run.")
+@click.option("--epochs", default=TunerConfig.epochs, show_default=True,
+              help="Passes over the run's examples (within --steps).")
+@click.option("--learning-rate", default=TunerConfig.learning_rate, show_default=True)
+@click.option("--rank", default=TunerConfig.rank, show_default=True, help="LoRA rank of a fresh adapter.")
+@click.option("--min-new-ratings", default=TunerConfig.min_new_ratings, show_default=True,
+              help="Start a run after this many new ratings.")
+@click.option("--period", default=TunerConfig.period_seconds, show_default=True,
+              help="Also start a run every PERIOD seconds (0: never).")
+@click.option("--include-older", is_flag=True, help="Also learn from ratings older than the last run.")
+@click.option("--blocklist", multiple=True, help="Never train on exchanges containing this phrase (repeatable).")
+@click.option("--classifier", default="", help="'module:function' returning True for an example to leave out.")
+@click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
+@_TARGET
+def tuner(data_dir, adapter_dir, model, objective, steps, epochs, learning_rate, rank, min_new_ratings, period,
+          include_older, blocklist, classifier, once, target) -> None:
+    """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners.
+
+    \b
+    Example:
+      instructd tuner --min-new-ratings 100 --objective kto
+    """
+    import logging
+
+    from instructd.server.config import default_cache, default_home
+    from instructd.server.model import default_model
+    from instructd.tuner.scheduler import run_tuner
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = (data_dir or default_home()).resolve()
+    config = TunerConfig(data_dir=data_dir, adapter_dir=adapter_dir or data_dir / "incoming",
+                         model=model or default_model(default_cache()), target=target, objective=objective,
+                         steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
+                         min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
+                         blocklist=tuple(blocklist))
+    run_tuner(config, once=once, classifier=classifier)
