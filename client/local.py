@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from instructd.server.config import ADMIN_KEY_FILE, ENV_API_KEY
 
+from .channel import Tls
 from .client import AsyncClient, Client
 
 CLI = [sys.executable, "-m", "instructd.client.cli"]
@@ -30,8 +31,10 @@ def free_port() -> int:
 class LocalServer:
     """`instructd serve --no-tuner` on free ports with its own data directory; output goes to `log_path`."""
 
-    def __init__(self, data_dir: Path, log_path: Path, *serve_args: str, start_timeout: float = 600) -> None:
-        self.data_dir, self.log_path, self.serve_args = Path(data_dir), Path(log_path), serve_args
+    def __init__(self, data_dir: Path, log_path: Path, *serve_args: str, start_timeout: float = 600,
+                 tls: Tls | None = None) -> None:
+        """`tls`: how a client reaches it when serve_args make it serve TLS."""
+        self.data_dir, self.log_path, self.serve_args, self.tls = Path(data_dir), Path(log_path), serve_args, tls
         self.adapter_dir = self.data_dir / "incoming"
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -52,10 +55,10 @@ class LocalServer:
         return (self.data_dir / ADMIN_KEY_FILE).read_text().strip()
 
     def client(self, api_key: str | None = None, **options) -> Client:
-        return Client(self.target, api_key=api_key or self.api_key, **options)
+        return Client(self.target, api_key=api_key or self.api_key, **{"tls": self.tls, **options})
 
     def async_client(self, api_key: str | None = None, **options) -> AsyncClient:
-        return AsyncClient(self.target, api_key=api_key or self.api_key, **options)
+        return AsyncClient(self.target, api_key=api_key or self.api_key, **{"tls": self.tls, **options})
 
     def tuner_command(self, *args: str) -> list[str]:
         """`instructd tuner` against this server and its data directory (run it with `env()`)."""
@@ -67,7 +70,8 @@ class LocalServer:
 
     def _wait_serving(self) -> None:
         deadline = time.monotonic() + self.start_timeout
-        with grpc.insecure_channel(self.target) as channel:
+        with (grpc.secure_channel(self.target, self.tls.credentials()) if self.tls
+              else grpc.insecure_channel(self.target)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -65,10 +65,11 @@ def _copy_file(source: Path, target: Path, cap: int, required: bool) -> None:
         return
     except OSError as exc:  # ELOOP: the name is a symbolic link
         raise InvalidRequest(f"{source.name} must be a regular file, not a link ({exc.strerror})") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise InvalidRequest(f"{source.name} must be a regular file")
     with os.fdopen(fd, "rb") as src:
-        info = os.fstat(src.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidRequest(f"{source.name} must be a regular file")
         if info.st_size > cap:
             raise InvalidRequest(f"{source.name} is {info.st_size} bytes; at most {cap} are accepted")
         with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:

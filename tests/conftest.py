@@ -19,8 +19,8 @@ from instructd.server.model import default_model
 class ServerProcess(LocalServer):
     """A local server on a short context, with helpers to look into its store and scrape its metrics."""
 
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        super().__init__(data_dir, log_path, "--max-model-len", "1024")
+    def __init__(self, data_dir: Path, log_path: Path, *serve_args: str, **options) -> None:
+        super().__init__(data_dir, log_path, "--max-model-len", "1024", *serve_args, **options)
 
     def db(self) -> sqlite_utils.Database:
         """A separate connection to the server's SQLite file (WAL lets us read while it writes)."""
