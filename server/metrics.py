@@ -1,21 +1,41 @@
-"""Prometheus metrics of the service, and the /metrics endpoint that also shows vLLM's own engine metrics."""
+"""Prometheus metrics of the service, and the /metrics endpoint that also shows vLLM's own engine metrics.
+deploy/ holds the dashboard and alert rules built on these names; tests/deploy checks them against a real Prometheus."""
 
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
+import threading
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from instructd.v1 import instructd_pb2 as pb
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from instructd.v1 import instructd_pb2 as pb
+
+from .domain import BASE_VERSION
 
 # Every rpc of every instructd service, from the wire contract itself, so a new rpc cannot be left out.
 METHODS = tuple(m.name for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods)
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Created up front for every method, so that panels and ratios have a series before the first error: success, the
+# commonest client errors, and the server errors the error-ratio alert counts.
+_CODES = (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+          grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+# Seconds; one set for time to first token and for whole requests, on GPU and CPU alike: a GPU gives the first token
+# in 10-50 ms, this 2-core CPU in 50-300 ms (tiny model, idle), and a long answer on CPU takes minutes. Steps of 2 to
+# 2.5x from 5 ms to 5 min keep every quantile within one bucket of the truth; 2.5 s is an edge because the TTFT alert
+# fires there.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+RATINGS = ("up", "down")
+# Versions that carry their own adapter_version label value, in order of precedence when one version has two roles.
+ROLES = ("serving", "previous", "candidate")
+OTHER_VERSIONS = "other"  # the adapter_version label value of every version without a role
 
 
 class Metrics:
@@ -26,16 +46,23 @@ class Metrics:
         ns = {"namespace": "instructd", "registry": registry}
         self.requests = Counter("requests", "gRPC requests by method and status code.", ["method", "code"], **ns)
         self.request_seconds = Histogram("request_duration_seconds", "gRPC request latency.", ["method"],
-                                         buckets=_LATENCY_BUCKETS, **ns)
+                                         buckets=LATENCY_BUCKETS, **ns)
         self.ttft_seconds = Histogram("time_to_first_token_seconds", "Time from request to first generated text.",
-                                      buckets=_LATENCY_BUCKETS, **ns)
+                                      buckets=LATENCY_BUCKETS, **ns)
         self.in_flight = Gauge("requests_in_flight", "gRPC requests being served.", ["method"], **ns)
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens processed.", **ns)
         self.completion_tokens = Counter("completion_tokens", "Tokens generated.", **ns)
-        self.feedback = Counter("feedback", "Ratings committed, by rating and adapter version that answered.",
+        self.feedback = Counter("feedback", "Ratings committed, by rating and by the adapter version that answered "
+                                "(versions without a role in instructd_adapter_role count as 'other').",
                                 ["rating", "adapter_version"], **ns)
         self.promoted_version = Gauge("promoted_adapter_version", "Adapter version serving new requests (0: base).",
                                       **ns)
+        self.promoted_at = Gauge("serving_adapter_promoted_timestamp_seconds",
+                                 "When the serving adapter version was promoted (Unix time), and the one it replaced.",
+                                 ["adapter_version", "previous_version"], **ns)
+        self.adapter_role = Gauge("adapter_role", "1 for each adapter version with its own label value: the serving "
+                                  "one, the one it replaced and the newest registered.", ["adapter_version", "role"],
+                                  **ns)
         self.promotions = Counter("promotions", "Promotions and rollbacks.", ["kind"], **ns)
         self.promoted_unloadable = Gauge(
             "promoted_adapter_unloadable", "The promoted version that could not be loaded at start, so the base "
@@ -45,16 +72,57 @@ class Metrics:
             **ns)
         self.log_write_failures = Counter("log_write_failures", "Exchanges that could not be written to the store.",
                                           **ns)
+        self.health_serving = Gauge("health_serving", "1 while gRPC health says SERVING; 0 before and after.", **ns)
         for method in METHODS:
             self.in_flight.labels(method)
-            for code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            for code in _CODES:
                 self.requests.labels(method, code.name)
         for kind in ("promote", "rollback"):
             self.promotions.labels(kind)
         for phase in ("start", "request"):
             self.adapter_load_failures.labels(phase)
-        for rating in ("up", "down"):
-            self.feedback.labels(rating, "0")
+        for rating in RATINGS:
+            self.feedback.labels(rating, OTHER_VERSIONS)
+        self._roles: dict[str, int | None] = {}  # role -> version
+        self._labelled: set[int] = set()
+        self.serving_changed(BASE_VERSION, previous=None, promoted_at=None)
+
+    def serving_changed(self, version: int, previous: int | None, promoted_at: float | None) -> None:
+        """Records which version serves new requests, since when (None: not known) and which one it replaced."""
+        self.promoted_version.set(version)
+        self.promoted_at.clear()
+        if promoted_at is not None:
+            self.promoted_at.labels(str(version), "" if previous is None else str(previous)).set(promoted_at)
+        self._roles.update(serving=version, previous=previous)
+        self._relabel()
+
+    def candidate_registered(self, version: int) -> None:
+        self._roles["candidate"] = version
+        self._relabel()
+
+    def count_feedback(self, rating: str, version: int) -> None:
+        """Counts a committed rating under the version that answered, or under 'other' for a version without a role."""
+        self.feedback.labels(rating, str(version) if version in self._labelled else OTHER_VERSIONS).inc()
+
+    def _relabel(self) -> None:
+        """Bounds adapter_version's values: a long-running server promotes version after version, and a label value
+        per version ever served would grow without end. Only the versions an operator compares (serving, previous,
+        newest candidate) keep their own series; the series of a version that loses its role are removed (Prometheus
+        keeps their history) and its later ratings count as 'other'."""
+        self.adapter_role.clear()
+        labelled: dict[int, str] = {}
+        for role in ROLES:
+            version = self._roles.get(role)
+            if version is not None and version not in labelled:
+                labelled[version] = role
+                self.adapter_role.labels(str(version), role).set(1)
+        for version in self._labelled - labelled.keys():
+            for rating in RATINGS:
+                self.feedback.remove(rating, str(version))
+        for version in labelled:
+            for rating in RATINGS:
+                self.feedback.labels(rating, str(version))
+        self._labelled = set(labelled)
 
 
 class TuningCollector:
@@ -62,6 +130,7 @@ class TuningCollector:
     need no link from the tuner process to this one."""
 
     OUTCOMES = ("promoted", "rejected", "failed", "skipped")
+    JUDGED = "('promoted', 'rejected')"  # runs whose ratings the next run does not learn from again (tuner/runs.py)
 
     def __init__(self, db_path: Path) -> None:
         self._db_path = db_path
@@ -72,16 +141,37 @@ class TuningCollector:
             counts = dict(db.execute("SELECT status, COUNT(*) FROM tuning_runs GROUP BY status").fetchall())
             last = db.execute("SELECT * FROM tuning_runs WHERE status != 'running' AND status != 'skipped' "
                               "ORDER BY id DESC LIMIT 1").fetchone()
+            # The tuner's own trigger: ratings newer than the data of the last judged run.
+            learned_until = db.execute(f"SELECT COALESCE(MAX(data_until), '') FROM tuning_runs "
+                                       f"WHERE status IN {self.JUDGED}").fetchone()[0]
+            new_ratings = db.execute("SELECT COUNT(*) FROM feedback WHERE updated_at > ?",
+                                     [learned_until]).fetchone()[0]
+            failed_in_a_row = db.execute(f"SELECT COUNT(*) FROM tuning_runs WHERE status = 'failed' AND id > "
+                                         f"(SELECT COALESCE(MAX(id), 0) FROM tuning_runs WHERE status IN "
+                                         f"{self.JUDGED})").fetchone()[0]
         runs = CounterMetricFamily("instructd_tuning_runs", "Tuning runs by outcome.", labels=["outcome"])
         for outcome in self.OUTCOMES:
             runs.add_metric([outcome], counts.get(outcome, 0))
         yield runs
         yield GaugeMetricFamily("instructd_tuning_run_in_progress", "1 while a tuning run is going on.",
                                 value=counts.get("running", 0))
+        yield GaugeMetricFamily("instructd_tuning_new_ratings", "Ratings that no judged tuning run has learned from.",
+                                value=new_ratings)
+        yield GaugeMetricFamily("instructd_tuning_consecutive_failed_runs",
+                                "Failed runs since the last run that reached a verdict.", value=failed_in_a_row)
         if last is None:
             return
+        yield from self._last_run(last)
+
+    @staticmethod
+    def _last_run(last: sqlite3.Row):
         detail = json.loads(last["metadata_json"] or "{}")
         started, finished = (datetime.fromisoformat(last[k]) for k in ("started_at", "finished_at"))
+        ended = GaugeMetricFamily("instructd_tuning_last_run_finished_timestamp_seconds",
+                                  "When the last finished run ended (Unix time), with its id and outcome.",
+                                  labels=["run", "outcome"])
+        ended.add_metric([str(last["id"]), last["status"]], finished.timestamp())
+        yield ended
         yield GaugeMetricFamily("instructd_tuning_last_run_duration_seconds", "Duration of the last finished run.",
                                 value=(finished - started).total_seconds())
         yield GaugeMetricFamily("instructd_tuning_last_run_examples", "Training examples of the last finished run.",
@@ -93,7 +183,7 @@ class TuningCollector:
                                  labels=["gate", "model"])
         for name, key in (("feedback_margin", "margin"), ("suite", "suite")):
             for model in ("candidate", "current"):
-                if f"{model}_{key}" in verdict:
+                if verdict.get(f"{model}_{key}") is not None:  # null: could not be estimated
                     gate.add_metric([name, model], verdict[f"{model}_{key}"])
         yield gate
 
@@ -109,7 +199,35 @@ class _Both:
         yield from REGISTRY.collect()
 
 
+def metrics_app(metrics: Metrics):
+    """The /metrics WSGI app. Always in Prometheus' text format: in OpenMetrics, which Prometheus 2 asks for,
+    prometheus_client (0.26, client_python issue 1177) writes the colon of a sample's name as '_' while the TYPE
+    line keeps it, so vLLM's 'vllm:' metrics would be stored under names that Prometheus 3, curl and the dashboard
+    do not use. The text format keeps every name as it is, and every Prometheus reads it."""
+    app = make_wsgi_app(_Both(metrics.registry))
+
+    def text_format(environ, start_response):
+        environ["HTTP_ACCEPT"] = "text/plain"
+        return app(environ, start_response)
+
+    return text_format
+
+
+class _Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args) -> None:
+        """A line per scrape would bury the server's log."""
+
+
 def serve_metrics(metrics: Metrics, host: str, port: int) -> int:
     """Starts the /metrics HTTP server in a background thread; returns the port it listens on."""
-    server, _ = start_http_server(port, addr=host, registry=_Both(metrics.registry))
-    return server.server_address[1]
+    server = make_server(host, port, metrics_app(metrics), _Server6 if ":" in host else _Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server.server_port

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
 
 from .adapters import check_lora, resolve_inside, stage
 from .auth import Principal
@@ -42,17 +44,19 @@ class AdapterRouter:
         """On start: serve again whatever was promoted when the server last ran. If it cannot be loaded, serve
         the base model and say so (log and metric) rather than crash-looping on it."""
         version = await self._store.promoted_version()
+        promoted_at = None  # not recorded for the base model
         if version:
             try:
                 promoted = await self._loadable(version)
                 await self._engine.load_adapter(promoted, pin=True)
                 self._promoted = promoted
+                promoted_at = datetime.fromisoformat((await self._store.get_adapter(version)).promoted_at).timestamp()
             except (FailedPrecondition, OSError) as exc:
                 log.error("promoted adapter version %d cannot be served (%s); serving the base model instead "
                           "until a version is promoted", version, exc)
                 self._metrics.adapter_load_failures.labels("start").inc()
                 self._metrics.promoted_unloadable.set(version)
-        self._metrics.promoted_version.set(self.promoted_version)
+        self._metrics.serving_changed(self.promoted_version, previous=None, promoted_at=promoted_at)
         log.info("serving adapter version %s", self.promoted_version or "base")
 
     async def route(self, choice: AdapterChoice) -> AdapterRef | None:
@@ -106,7 +110,10 @@ class AdapterRouter:
                                      "rejected" if rejected else "registered", utc_now(), "", meta,
                                      actor.key_id, actor.app_id)
 
-            return await self._store.add_adapter(staged, self._config.versions_dir, make, actor)
+            record = await self._store.add_adapter(staged, self._config.versions_dir, make, actor)
+            if not rejected:
+                self._metrics.candidate_registered(record.version)
+            return record
         finally:
             await asyncio.to_thread(shutil.rmtree, staged, True)  # gone already when registered (renamed)
 
@@ -135,7 +142,7 @@ class AdapterRouter:
                 await self._engine.load_adapter(target, pin=True)  # preload before any request is routed
             await self._store.record_promotion(version, current, kind, actor)
             self._promoted = target
-            self._metrics.promoted_version.set(version)
+            self._metrics.serving_changed(version, previous=current, promoted_at=time.time())
             self._metrics.promoted_unloadable.set(0)
             self._metrics.promotions.labels(kind).inc()
             log.info("%s: adapter version %s -> %s", kind, current or "base", version or "base")

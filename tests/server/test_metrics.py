@@ -1,0 +1,114 @@
+"""The metrics the dashboard and alerts rely on, on their own registry: every rpc has series, adapter_version
+values stay bounded, promotions are visible, the tuner's numbers come from the store, and vLLM's names survive."""
+
+from __future__ import annotations
+
+from wsgiref.util import setup_testing_defaults
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from instructd.server.metrics import Metrics, TuningCollector, metrics_app
+from instructd.server.schema import open_db
+from instructd.tuner.evaluate import Verdict
+from instructd.tuner.runs import RunLog
+from instructd.v1 import instructd_pb2 as pb
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def feedback_versions(metrics: Metrics) -> set[str]:
+    return {s.labels["adapter_version"] for family in metrics.registry.collect() if family.name == "instructd_feedback"
+            for s in family.samples if s.name == "instructd_feedback_total"}
+
+
+def test_every_rpc_of_the_proto_has_its_series_before_the_first_call():
+    metrics = Metrics(CollectorRegistry())
+    rpcs = [m.name for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods]
+    assert {"RecordEvaluation", "TriggerTuning", "GetTuningStatus"} <= set(rpcs)
+    for rpc in rpcs:
+        assert value(metrics, "instructd_requests_total", method=rpc, code="OK") == 0
+        assert value(metrics, "instructd_requests_total", method=rpc, code="INTERNAL") == 0
+        assert value(metrics, "instructd_requests_in_flight", method=rpc) == 0
+
+
+def test_only_serving_previous_and_candidate_versions_keep_their_own_label():
+    metrics = Metrics(CollectorRegistry())
+    assert feedback_versions(metrics) == {"0", "other"}
+    for version in range(1, 6):  # five promotions, each of the newest registered version
+        metrics.candidate_registered(version)
+        metrics.serving_changed(version, previous=version - 1, promoted_at=1000.0 + version)
+    metrics.candidate_registered(6)
+    assert feedback_versions(metrics) == {"4", "5", "6", "other"}
+    roles = {s.labels["adapter_version"]: s.labels["role"] for family in metrics.registry.collect()
+             if family.name == "instructd_adapter_role" for s in family.samples}
+    assert roles == {"5": "serving", "4": "previous", "6": "candidate"}
+
+    metrics.count_feedback("up", 5)
+    metrics.count_feedback("down", 2)  # a version without a role, asked for by number
+    assert value(metrics, "instructd_feedback_total", rating="up", adapter_version="5") == 1
+    assert value(metrics, "instructd_feedback_total", rating="down", adapter_version="other") == 1
+    assert value(metrics, "instructd_feedback_total", rating="down", adapter_version="2") is None
+
+
+def test_a_promotion_shows_the_serving_version_since_when_and_what_it_replaced():
+    metrics = Metrics(CollectorRegistry())
+    assert value(metrics, "instructd_promoted_adapter_version") == 0
+    metrics.serving_changed(3, previous=0, promoted_at=1_700_000_000.0)
+    metrics.serving_changed(2, previous=3, promoted_at=1_700_000_100.0)  # a rollback
+    assert value(metrics, "instructd_promoted_adapter_version") == 2
+    assert value(metrics, "instructd_serving_adapter_promoted_timestamp_seconds", adapter_version="2",
+                 previous_version="3") == 1_700_000_100.0
+    assert value(metrics, "instructd_serving_adapter_promoted_timestamp_seconds", adapter_version="3",
+                 previous_version="0") is None  # one series: the serving version's
+
+
+def test_tuning_metrics_count_unlearned_ratings_and_failures_in_a_row(tmp_path):
+    db_path = tmp_path / "instructd.db"
+    db = open_db(db_path)
+    for i, at in enumerate(["2026-01-01T00:00:00", "2026-01-02T00:00:00", "2026-01-03T00:00:00"]):
+        db["exchanges"].insert({"id": f"e{i}", "created_at": at})
+        db["feedback"].insert({"id": f"f{i}", "response_id": f"e{i}", "user_id": "", "rating": "up",
+                               "created_at": at, "updated_at": at})
+    runs = RunLog(db_path)
+    metrics = Metrics(CollectorRegistry())
+    metrics.registry.register(TuningCollector(db_path))
+    assert value(metrics, "instructd_tuning_new_ratings") == 3
+    assert value(metrics, "instructd_tuning_last_run_loss") is None  # no finished run yet
+
+    judged = runs.start("ratings")
+    verdict = Verdict(False, "suite falls", float("nan"), 0.1, 0.0, 0.0, 0.05, 0.1, 0.5, 0.6, {})
+    runs.finish(judged, "rejected", {"verdict": verdict.scores()}, examples=12, loss=0.75,
+                data_until="2026-01-02T00:00:00")
+    for _ in range(2):
+        runs.finish(runs.start("ratings"), "failed", {"error": "out of memory"})
+    assert value(metrics, "instructd_tuning_new_ratings") == 1  # only the rating after the judged run's data
+    assert value(metrics, "instructd_tuning_consecutive_failed_runs") == 2
+    assert value(metrics, "instructd_tuning_runs_total", outcome="failed") == 2
+    assert value(metrics, "instructd_tuning_last_run_finished_timestamp_seconds", run=str(judged + 2),
+                 outcome="failed") > 0
+    assert value(metrics, "instructd_tuning_last_gate_score", gate="suite", model="current") is None  # a failed run
+
+    runs.finish(runs.start("ratings"), "promoted", {"verdict": verdict.scores()}, examples=20, loss=0.5,
+                data_until="2026-01-03T00:00:00")
+    assert value(metrics, "instructd_tuning_consecutive_failed_runs") == 0
+    assert value(metrics, "instructd_tuning_new_ratings") == 0
+    assert value(metrics, "instructd_tuning_last_run_examples") == 20
+    assert value(metrics, "instructd_tuning_last_gate_score", gate="suite", model="current") == 0.6
+    # A score that could not be estimated is stored as null: left out, without breaking the scrape.
+    assert value(metrics, "instructd_tuning_last_gate_score", gate="feedback_margin", model="candidate") is None
+    assert value(metrics, "instructd_tuning_last_gate_score", gate="feedback_margin", model="current") == 0.1
+
+
+def test_the_page_keeps_vllms_colon_names_whatever_format_the_scraper_asks_for():
+    metrics = Metrics(CollectorRegistry())
+    Gauge("vllm:num_requests_running", "Requests running.", ["engine"], registry=metrics.registry).labels("0").set(2)
+    app = metrics_app(metrics)
+    for accept in ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5", "text/plain", ""):
+        environ = {"HTTP_ACCEPT": accept, "PATH_INFO": "/metrics"}
+        setup_testing_defaults(environ)
+        started = []
+        page = b"".join(app(environ, lambda status, headers: started.append((status, dict(headers))))).decode()
+        assert started[0][0].startswith("200") and started[0][1]["Content-Type"].startswith("text/plain")
+        assert 'vllm:num_requests_running{engine="0"} 2.0' in page.splitlines()
