@@ -66,7 +66,7 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, **options) -> None:
 
     \b
     Example:
-      instructd serve --port 50051 --metrics-port 9090
+      instructd serve --port 50051 --no-tuner
       instructd serve --host 0.0.0.0 --tls-cert server.pem --tls-key server-key.pem
     """
     import asyncio

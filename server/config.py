@@ -14,6 +14,13 @@ ENV_API_KEY = "INSTRUCTD_API_KEY"      # the key the client and CLI send; defaul
 ENV_TLS_CA = "INSTRUCTD_TLS_CA"        # CA certificate the client trusts; set: the client speaks TLS
 ENV_KV_CACHE = "VLLM_CPU_KVCACHE_SPACE"  # vLLM on CPU: GiB reserved for the KV cache (default 92% of a NUMA node)
 
+# The /metrics port, declared here only. Not 9090: that is Prometheus' own port, and the two collide on any host (or
+# compose stack) that runs both. Exporters take ports from Prometheus' "default port allocations" wiki page; its
+# 9100-9999 range has been full since 2023 and the list goes on from 10000, where 10025 was the one gap (between
+# 10024 and 10026) in the newest copy we could read. The Dockerfile, deploy/ and README use the same number, and
+# tests/deploy checks that they do.
+DEFAULT_METRICS_PORT = 10025
+
 
 def default_home() -> Path:
     return Path(os.environ.get(ENV_HOME) or Path.home() / ".local/share/instructd")
@@ -45,7 +52,7 @@ class ServerConfig:
     """gRPC port; 0 picks a free one."""
     metrics_host: str = "127.0.0.1"
     """Interface /metrics listens on: loopback by default, since it needs no key."""
-    metrics_port: int = 9090
+    metrics_port: int = DEFAULT_METRICS_PORT
     """Prometheus /metrics port; 0 picks a free one."""
     tls_cert: Path | None = None
     """PEM certificate chain of the server; with tls_key, gRPC is served over TLS."""
