@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import click
-from instructd.server.config import ENV_API_KEY, ENV_TARGET, ENV_TLS_CA
+from instructd.server.config import DEFAULT_METRICS_PORT, ENV_API_KEY, ENV_TARGET, ENV_TLS_CA
 
 from .channel import DEFAULT_TARGET, Tls
 from .cli_run import serve, tuner
 from .client import Client
+from .top import Scrape, render
 from .types import ApiError
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -339,6 +342,41 @@ def forget(app_id, user_id, connect) -> None:
     with connect() as client:
         exchanges, ratings = client.forget(app_id, user_id)
     click.echo(f"deleted {exchanges} exchanges and {ratings} ratings")
+
+
+@main.command()
+@click.option("--metrics-url", default=f"http://localhost:{DEFAULT_METRICS_PORT}/metrics", show_default=True,
+              help="The server's /metrics page.")
+@click.option("--interval", default=5.0, show_default=True, help="Seconds between frames; rates are over this time.")
+@click.option("--once", is_flag=True, help="Print one frame (after one interval) and exit.")
+@connection
+def top(metrics_url, interval, once, connect) -> None:
+    """Live view: requests/s, time to first token, tokens/s, 👍 rate per version, serving version, tuning run.
+
+    \b
+    Example:
+      instructd top --interval 2
+    """
+    def scrape() -> Scrape:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=10) as page:
+                return Scrape.parse(page.read().decode(), time.monotonic())
+        except OSError as error:
+            raise click.ClickException(f"cannot read {metrics_url}: {error}") from None
+
+    with connect() as client:
+        before = scrape()
+        while True:
+            time.sleep(interval)  # the rates are measured over this interval
+            after = scrape()
+            runs = client.tuning_status(limit=1).runs
+            frame = render(before, after, runs[0] if runs else None)
+            if once:
+                click.echo(frame)
+                return
+            click.clear()
+            click.echo(frame)
+            before = after
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The operators' view on the real service: a real Prometheus scrapes a real instructd through traffic, ratings, a
 promotion and a tuning run; then every query of every dashboard panel and annotation must return data, with the
-labels its legend names. A panel whose query returns nothing is a broken panel."""
+labels its legend names. A panel whose query returns nothing is a broken panel. `instructd top` reads the same page."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import math
 import re
 
 import pytest
+from click.testing import CliRunner
 
 from instructd.client import ApiError
+from instructd.client.cli import main
 from instructd.tuner.evaluate import Verdict
 from instructd.tuner.runs import RunLog
 
@@ -113,3 +115,15 @@ def test_the_promotion_and_the_ratings_are_seen_per_version(watched):
     [previous] = prometheus.query("instructd:ratings_up:previous / instructd:ratings:previous")
     assert (float(serving["value"][1]), float(previous["value"][1])) == (1.0, 3 / 5)
 
+
+def test_top_shows_the_same_page(watched):
+    server, _ = watched
+    result = CliRunner().invoke(main, ["top", "--once", "--interval", "0.5", "--target", server.target,
+                                       "--api-key", server.api_key,
+                                       "--metrics-url", f"http://127.0.0.1:{server.metrics_port}/metrics"])
+    assert result.exit_code == 0, result.output
+    lines = [line.split() for line in result.output.splitlines()]
+    assert ["serving", "v1", "since"] == lines[0][:3] and lines[0][-2:] == ["(replaced", "base)"]
+    assert ["v1", "serving", "100%", "of", "3"] in lines and ["base", "previous", "60%", "of", "5"] in lines
+    assert ["tuning", "run", "1", "rejected,", "candidate", "v1"] == lines[-1][:6]
+    assert re.search(r"requests/s +\d+\.\d\d", result.output) and "p50" in result.output
