@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from instructd.client import Client
@@ -178,11 +179,10 @@ def _by_type(prompts: list[Prompt], judged: list[bool]) -> dict[str, float]:
 def wait_for_run(client: Client, after_id: int, timeout: float) -> dict:
     """Follows the tuner's run after `after_id` (it runs in another process) until it ends; its summary."""
     run = client.follow_run(after_id, timeout)
-    verdict = run.detail.get("verdict", {})
+    as_dict = lambda m: MessageToDict(m, preserving_proto_field_name=True) if m else {}  # noqa: E731
     return {"run_id": run.id, "outcome": run.status, "candidate_version": run.candidate_version,
-            "examples": run.examples, "final_loss": run.loss, "reason": verdict.get("reason") or
-            run.detail.get("reason") or run.detail.get("error", ""), "verdict": verdict,
-            "data": run.detail.get("data", {}), "train": run.detail.get("train", {})}
+            "examples": run.examples, "final_loss": run.loss, "reason": run.reason, "verdict": as_dict(run.verdict),
+            "data": as_dict(run.data)}
 
 
 def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
@@ -198,8 +198,10 @@ def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
     result: dict = {"config": {**asdict(config), "rated_types": rated, "unrated_types": unrated},
                     "unavailable_types": missing, "environment": _environment(), "cycles": []}
     with server:
+        with server.client() as admin:  # the tuner as a pure API client: a tuner key and a directory of its own
+            tuner_key = admin.create_key("instructd-tuner", "tuner")[1]
         tuner = subprocess.Popen(server.tuner_command("--min-new-ratings", "1000000000", *config.tuner_args),
-                                 stdout=tuner_log, stderr=subprocess.STDOUT, env=server.env())
+                                 stdout=tuner_log, stderr=subprocess.STDOUT, env=server.env(tuner_key))
         try:
             loop = Loop(config, server, judge, rated, unrated)
             base = asyncio.run(loop.measure("base"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 import urllib.request
@@ -14,6 +15,7 @@ from instructd.server.config import DEFAULT_METRICS_PORT, ENV_API_KEY, ENV_TARGE
 from .channel import DEFAULT_TARGET, Tls
 from .cli_run import serve, tuner
 from .client import Client
+from .export import FORMATS
 from .top import Scrape, render
 from .types import ApiError
 
@@ -34,7 +36,7 @@ def connection(command):
     @functools.wraps(command)
     def wrapper(*args, target, api_key, tls_ca, tls_cert, tls_key, **kwargs):
         tls = Tls(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
-        return command(*args, connect=lambda: Client(target, api_key=api_key, tls=tls), **kwargs)
+        return command(*args, connect=lambda kind=Client: kind(target, api_key=api_key, tls=tls), **kwargs)
     for option in reversed(_CONNECTION):
         wrapper = option(wrapper)
     return wrapper
@@ -241,10 +243,9 @@ def _print_tuning(state) -> None:
         if run.status == "running":
             line += f"  step {run.step}/{run.total_steps}  loss {run.loss:.4f}"
         elif run.candidate_version:
-            verdict = run.detail.get("verdict", {})
-            line += f"  candidate v{run.candidate_version}: {verdict.get('reason', '')}"
-        elif run.detail.get("reason") or run.detail.get("error"):
-            line += f"  {run.detail.get('reason') or run.detail.get('error')}"
+            line += f"  candidate v{run.candidate_version}: {run.reason}"
+        elif run.reason:
+            line += f"  {run.reason}"
         click.echo(line)
 
 
@@ -377,6 +378,37 @@ def top(metrics_url, interval, once, connect) -> None:
             click.clear()
             click.echo(frame)
             before = after
+
+
+@main.command()
+@click.option("--app", "app_id", default="", help="One application's feedback (default: every application's).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="sft", show_default=True,
+              help="sft, kto, dpo: TRL's conversational formats; openai: OpenAI chat fine-tuning.")
+@click.option("--held-out", type=click.Choice(["all", "only", "exclude"]),
+              help="Which held-out rows (default: all, marked held_out, for sft/kto/dpo; exclude for openai, whose "
+                   "files cannot mark them: `--held-out only` makes its validation file).")
+@click.option("--since", help="Only ratings given at or after this UTC time (ISO-8601, e.g. 2026-11-01).")
+@click.option("--after", type=int, default=0, help="Only ratings after this export cursor (resume an export).")
+@connection
+def export(app_id, fmt, held_out, since, after, connect) -> None:
+    """Write rated feedback as JSON lines to standard output, to train elsewhere (a tuner or admin key).
+
+    \b
+    Example:
+      instructd export --app billing-bot --format dpo > pairs.jsonl
+      instructd export --format openai > train.jsonl && instructd export --format openai --held-out only > val.jsonl
+    """
+    from instructd.v1 import instructd_pb2 as pb
+
+    from .export import records
+    from .tuning import TuningClient
+
+    held_out = held_out or ("exclude" if fmt == "openai" else "all")
+    which = {"all": pb.HELD_OUT_ALL, "only": pb.HELD_OUT_ONLY, "exclude": pb.HELD_OUT_EXCLUDED}[held_out]
+    with connect(TuningClient) as client:
+        rows = (r for r in client.export(after=after, app_id=app_id, held_out=which) if not since or r.rated_at >= since)
+        for record in records(rows, fmt):
+            click.echo(json.dumps(record, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from instructd.server.config import ServerConfig
 from instructd.tuner.config import TunerConfig
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-_TARGET = click.option("--target", default="localhost:50051", show_default=True,
-                       help="host:port of the instructd server the tuner works for.")
 
 
 _DEFAULTS = ServerConfig.__dataclass_fields__
@@ -82,12 +80,13 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, **options) -> None:
 
 
 @click.command()
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="The server's data directory (default: $INSTRUCTD_HOME or ~/.local/share/instructd).")
-@click.option("--adapter-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="The server's adapter directory, where candidates are written (default: DATA_DIR/incoming).")
+@click.option("--target", default="localhost:50051", show_default=True,
+              help="The servers to work for, comma-separated (every replica; the first also runs the gate's suite).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The tuner's own directory: its candidates, downloaded versions, lock (default: "
+                   "$INSTRUCTD_HOME/tuner). Never a server's: servers are reached through their API only.")
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The base model folder the server serves (default: the embedded model).")
+              help="The base model folder the servers serve (default: the embedded model).")
 @click.option("--objective", type=click.Choice(["sft", "kto"]), default=TunerConfig.objective, show_default=True,
               help="sft: learn 👍 answers and corrections; kto: also push away from 👎 answers.")
 @click.option("--steps", default=TunerConfig.steps, show_default=True, help="Most training steps per run.")
@@ -96,21 +95,22 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, **options) -> None:
 @click.option("--learning-rate", default=TunerConfig.learning_rate, show_default=True)
 @click.option("--rank", default=TunerConfig.rank, show_default=True, help="LoRA rank of a fresh adapter.")
 @click.option("--min-new-ratings", default=TunerConfig.min_new_ratings, show_default=True,
-              help="Start a run after this many new ratings.")
+              help="Start a run after this many new ratings (over all replicas).")
 @click.option("--period", default=TunerConfig.period_seconds, show_default=True,
               help="Also start a run every PERIOD seconds (0: never).")
 @click.option("--include-older", is_flag=True, help="Also learn from ratings older than the last run.")
 @click.option("--blocklist", multiple=True, help="Never train on exchanges containing this phrase (repeatable).")
 @click.option("--classifier", default="", help="'module:function' returning True for an example to leave out.")
 @click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
-@_TARGET
-def tuner(data_dir, adapter_dir, model, objective, steps, epochs, learning_rate, rank, min_new_ratings, period,
-          include_older, blocklist, classifier, once, target) -> None:
-    """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners.
+def tuner(target, work_dir, model, objective, steps, epochs, learning_rate, rank, min_new_ratings, period,
+          include_older, blocklist, classifier, once) -> None:
+    """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners. It needs a
+    tuner key ($INSTRUCTD_API_KEY; `instructd serve` gives the tuner it starts one) and runs anywhere.
 
     \b
     Example:
       instructd tuner --min-new-ratings 100 --objective kto
+      INSTRUCTD_API_KEY=ik_... instructd tuner --target gpu1:50051,gpu2:50051 --work-dir /srv/tuner
     """
     import logging
 
@@ -119,9 +119,8 @@ def tuner(data_dir, adapter_dir, model, objective, steps, epochs, learning_rate,
     from instructd.tuner.scheduler import run_tuner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data_dir = (data_dir or default_home()).resolve()
-    config = TunerConfig(data_dir=data_dir, adapter_dir=adapter_dir or data_dir / "incoming",
-                         model=model or default_model(default_cache()), target=target, objective=objective,
+    config = TunerConfig(work_dir=work_dir or default_home() / "tuner", model=model or default_model(default_cache()),
+                         targets=tuple(t.strip() for t in target.split(",") if t.strip()), objective=objective,
                          steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
                          min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
                          blocklist=tuple(blocklist))

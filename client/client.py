@@ -87,10 +87,10 @@ class Client(_Stubs):
     def stats(self) -> Stats:
         return Stats.from_pb(self._call(self._admin.GetStats, pb.GetStatsRequest()))
 
-    def record_evaluation(self, version: int, scores: dict, passed: bool) -> Adapter:
-        """Stores a candidate's gate scores; passed=False rejects it for good."""
+    def record_evaluation(self, version: int, verdict: pb.Verdict) -> Adapter:
+        """Stores a candidate's verdict; verdict.passed False rejects it for good."""
         return Adapter.from_pb(self._call(self._admin.RecordEvaluation,
-                                          requests.evaluation(version, scores, passed)))
+                                          pb.RecordEvaluationRequest(version=version, verdict=verdict)))
 
     def trigger_tuning(self) -> TuningStatus:
         return TuningStatus.from_pb(self._call(self._admin.TriggerTuning, pb.TriggerTuningRequest()))
@@ -195,9 +195,9 @@ class AsyncClient(_Stubs):
     async def stats(self) -> Stats:
         return Stats.from_pb(await self._call(self._admin.GetStats, pb.GetStatsRequest()))
 
-    async def record_evaluation(self, version: int, scores: dict, passed: bool) -> Adapter:
+    async def record_evaluation(self, version: int, verdict: pb.Verdict) -> Adapter:
         return Adapter.from_pb(await self._call(self._admin.RecordEvaluation,
-                                                requests.evaluation(version, scores, passed)))
+                                                pb.RecordEvaluationRequest(version=version, verdict=verdict)))
 
     async def trigger_tuning(self) -> TuningStatus:
         return TuningStatus.from_pb(await self._call(self._admin.TriggerTuning, pb.TriggerTuningRequest()))

@@ -60,9 +60,14 @@ class LocalServer:
     def async_client(self, api_key: str | None = None, **options) -> AsyncClient:
         return AsyncClient(self.target, api_key=api_key or self.api_key, **{"tls": self.tls, **options})
 
+    @property
+    def tuner_dir(self) -> Path:
+        """A tuner's own directory, beside the server's, sharing no file with it."""
+        return self.data_dir.parent / "tuner"
+
     def tuner_command(self, *args: str) -> list[str]:
-        """`instructd tuner` against this server and its data directory (run it with `env()`)."""
-        return [*CLI, "tuner", "--data-dir", str(self.data_dir), "--target", self.target, *args]
+        """`instructd tuner` for this server, as if on another machine (run it with `env(tuner key)`)."""
+        return [*CLI, "tuner", "--target", self.target, "--work-dir", str(self.tuner_dir), *args]
 
     def env(self, api_key: str | None = None) -> dict[str, str]:
         """The environment for a command (tuner, CLI) that talks to this server with a key."""

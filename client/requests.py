@@ -60,6 +60,3 @@ def create_key(app_id: str, role: str, name: str = "") -> pb.CreateKeyRequest:
         raise ValueError(f"role must be 'app', 'tuner' or 'admin', got {role!r}")
     return pb.CreateKeyRequest(app_id=app_id, role=roles[role], name=name)
 
-
-def evaluation(version: int, scores: dict, passed: bool) -> pb.RecordEvaluationRequest:
-    return pb.RecordEvaluationRequest(version=version, scores_json=json.dumps(scores), passed=passed)

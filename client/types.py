@@ -39,9 +39,15 @@ class Answer:
                    m.adapter_version)
 
 
+def _name(enum, value: int, prefix: str) -> str:
+    """A proto enum value as a plain lowercase name: ADAPTER_PROMOTED -> "promoted"."""
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """A registered adapter version."""
+    """A registered adapter version; status is "registered", "promoted", "retired", "rolled_back" or "rejected";
+    evaluation is the gate's verdict (typed: .passed, .reason, .candidate_suite, ...), None before one."""
 
     version: int
     path: str
@@ -53,11 +59,14 @@ class Adapter:
     metadata: dict
     created_by_key: str = ""
     app_id: str = ""
+    sha256: str = ""
+    evaluation: pb.Verdict | None = None
 
     @classmethod
     def from_pb(cls, m: pb.Adapter) -> Adapter:
-        return cls(m.version, m.path, m.base_model, m.parent_version, m.status, m.created_at, m.promoted_at,
-                   json.loads(m.metadata_json or "{}"), m.created_by_key, m.app_id)
+        return cls(m.version, m.path, m.base_model, m.parent_version, _name(pb.AdapterStatus, m.status, "ADAPTER_"),
+                   m.created_at, m.promoted_at, json.loads(m.metadata_json or "{}"), m.created_by_key, m.app_id,
+                   m.sha256, m.evaluation if m.HasField("evaluation") else None)
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,8 @@ class Promotion:
 
 @dataclass(frozen=True)
 class TuningRun:
-    """One tuning run as the tuner reported it; `detail` holds the data summary, verdict and error."""
+    """One tuning run as the tuner reported it. status: "running", "promoted", "rejected", "failed" or
+    "skipped"; trigger: "requested", "threshold" or "period"; data and verdict are typed (None until known)."""
 
     id: int
     status: str
@@ -114,23 +124,37 @@ class TuningRun:
     loss: float
     examples: int
     candidate_version: int
-    detail: dict
+    data: pb.DataSummary | None
+    verdict: pb.Verdict | None
+    reason: str
+    data_until: int
 
     @classmethod
     def from_pb(cls, m: pb.TuningRun) -> TuningRun:
-        return cls(m.id, m.status, m.trigger, m.started_at, m.finished_at, m.step, m.total_steps, m.loss,
-                   m.examples, m.candidate_version, json.loads(m.detail_json or "{}"))
+        return cls(m.id, _name(pb.RunOutcome, m.outcome, "RUN_"), _name(pb.RunTrigger, m.trigger, "TRIGGER_"),
+                   m.started_at, m.finished_at, m.step, m.total_steps, m.loss, m.examples, m.candidate_version,
+                   m.data if m.HasField("data") else None, m.verdict if m.HasField("verdict") else None,
+                   m.reason, m.data_until)
 
 
 @dataclass(frozen=True)
 class TuningStatus:
+    """The newest runs; whether a `tune --now` waits; and how many ratings arrived since judged runs learnt."""
+
     runs: list[TuningRun]
     requested: bool
     promoted_version: int
+    newest_cursor: int = 0
+    learnt_until: int = 0
+
+    @property
+    def new_ratings(self) -> int:
+        return self.newest_cursor - self.learnt_until
 
     @classmethod
     def from_pb(cls, m: pb.TuningStatus) -> TuningStatus:
-        return cls([TuningRun.from_pb(r) for r in m.runs], m.requested, m.promoted_version)
+        return cls([TuningRun.from_pb(r) for r in m.runs], m.requested, m.promoted_version, m.newest_cursor,
+                   m.learnt_until)
 
 
 @dataclass(frozen=True)
@@ -147,8 +171,8 @@ class ApiKey:
 
     @classmethod
     def from_pb(cls, m: pb.ApiKey) -> ApiKey:
-        return cls(m.id, m.app_id, pb.Role.Name(m.role).removeprefix("ROLE_").lower(), m.name, m.created_at,
-                   m.last_used_at, m.revoked_at)
+        return cls(m.id, m.app_id, _name(pb.Role, m.role, "ROLE_"), m.name, m.created_at, m.last_used_at,
+                   m.revoked_at)
 
 
 @dataclass(frozen=True)
@@ -164,5 +188,4 @@ class AuditEvent:
 
     @classmethod
     def from_pb(cls, m: pb.AuditEvent) -> AuditEvent:
-        return cls(m.id, m.at, m.key_id, m.app_id, pb.AuditAction.Name(m.action).removeprefix("AUDIT_").lower(),
-                   m.target)
+        return cls(m.id, m.at, m.key_id, m.app_id, _name(pb.AuditAction, m.action, "AUDIT_"), m.target)

@@ -10,8 +10,7 @@ from instructd.v1 import instructd_pb2 as pb
 
 from .auth import Keyring, KeyRecord, Principal, Role, new_key, read_key_file, write_key_file
 from .errors import InvalidRequest
-from .schema import utc_now
-from .store import Store
+from .store import Store, utc_now
 
 log = logging.getLogger(__name__)
 LOCAL_ADMIN_APP, TUNER_APP = "default", "instructd-tuner"

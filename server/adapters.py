@@ -3,6 +3,7 @@ through a symbolic link, within a size cap), and whether they fit the served bas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -80,6 +81,16 @@ def _copy_file(source: Path, target: Path, cap: int, required: bool) -> None:
     target.chmod(0o400)  # a registered version never changes
 
 
+def sha256_of(folder: Path, name: str = WEIGHTS_FILE) -> str:
+    """Hex SHA-256 of one of the adapter's files (by default its weights: one adapter, one checksum, on every
+    replica)."""
+    digest = hashlib.sha256()
+    with open(folder / name, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_lora(folder: Path, base_config: dict, base_name: str, max_rank: int) -> dict:
     """Validates a (staged) PEFT LoRA folder against the served base model; returns its adapter_config."""
     try:
@@ -139,3 +150,53 @@ def _check_shapes(weights: Path, base_config: dict, rank: int, rank_pattern: dic
         raise
     except Exception as exc:
         raise InvalidRequest(f"cannot read {WEIGHTS_FILE}: {preview(str(exc), 120)}") from exc
+
+
+class Upload:
+    """An adapter arriving in chunks over the network: each announced file is written into a fresh staging folder
+    beside the versions, within its cap, and must end with exactly the size and SHA-256 its header announced."""
+
+    def __init__(self, files: list[tuple[str, int, str]], versions_dir: Path, max_bytes: int) -> None:
+        names = [name for name, _, _ in files]
+        if len(set(names)) != len(names) or not set(names) <= set(FILES) or not {CONFIG_FILE, WEIGHTS_FILE} <= set(names):
+            raise InvalidRequest(f"an upload carries {CONFIG_FILE} and {WEIGHTS_FILE} (and optionally "
+                                 f"{LINEAGE_FILE}), each once; got {preview(', '.join(names), 120)}")
+        for name, size, digest in files:
+            if size > (FILES[name] or max_bytes):
+                raise InvalidRequest(f"{name} is {size} bytes; at most {FILES[name] or max_bytes} are accepted")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise InvalidRequest(f"{name}: sha256 must be 64 lowercase hex digits")
+        self._expected = {name: (size, digest) for name, size, digest in files}
+        versions_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.staged = versions_dir / f".staging-{uuid.uuid4().hex}"
+        self.staged.mkdir(mode=0o700)
+        self._hashes = {name: hashlib.sha256() for name in names}
+        self._written = dict.fromkeys(names, 0)
+
+    def write(self, name: str, data: bytes) -> None:
+        if name not in self._expected:
+            raise InvalidRequest(f"a chunk of {preview(name)}, which the header did not announce")
+        if self._written[name] + len(data) > self._expected[name][0]:
+            raise InvalidRequest(f"{name} is longer than the {self._expected[name][0]} bytes announced")
+        with open(self.staged / name, "ab") as f:
+            f.write(data)
+        self._hashes[name].update(data)
+        self._written[name] += len(data)
+
+    def finish(self) -> Path:
+        """Checks every file arrived whole and unaltered; returns the staging folder, files read-only."""
+        for name, (size, digest) in self._expected.items():
+            if self._written[name] != size or self._hashes[name].hexdigest() != digest:
+                raise InvalidRequest(f"{name} arrived with {self._written[name]} of {size} bytes or another "
+                                     "SHA-256 than announced")
+            os.chmod(self.staged / name, 0o400)
+        return self.staged
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staged, ignore_errors=True)
+
+
+def files_of(folder: Path) -> list[tuple[str, int, str]]:
+    """(name, size, sha256) of each file a version keeps, for a download."""
+    return [(name, (folder / name).stat().st_size, sha256_of(folder, name)) for name in FILES
+            if (folder / name).is_file()]

@@ -32,9 +32,10 @@ from .model import default_model
 from .router import AdapterRouter
 from .service import AccessServicer, AdminServicer, FeedbackServicer, InferenceServicer
 from .store import Store
+from .tuning_service import TuningServicer
 
 log = logging.getLogger("instructd")
-SERVICES = ("Inference", "Feedback", "Admin", "Access")
+SERVICES = ("Inference", "Feedback", "Admin", "Access", "Tuning")
 RETENTION_EVERY = 3600.0  # seconds between deletions of expired exchanges
 
 
@@ -50,7 +51,7 @@ async def serve(config: ServerConfig) -> None:
     if config.auth:
         await access.local_admin_key(config.data_dir / ADMIN_KEY_FILE)
     metrics = Metrics(CollectorRegistry())
-    metrics.registry.register(TuningCollector(config.db_path))
+    metrics.registry.register(TuningCollector(store.tuning_summary))
     engine = VllmEngine(config, model)
     background: list[asyncio.Task] = []
     try:
@@ -62,11 +63,16 @@ async def serve(config: ServerConfig) -> None:
         metrics_port = serve_metrics(metrics, config.metrics_host, config.metrics_port)
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        metrics.health_serving.set(1)
         log.info("instructd serving %s on %s:%d%s (metrics on %s:%d/metrics, data in %s)", model.name, config.host,
                  port, " with TLS" if config.tls else "", config.metrics_host, metrics_port, config.data_dir)
         if config.retention_days:
             background.append(asyncio.create_task(_expire(store, config.retention_days)))
-        tuner = await _start_tuner(config, access, model, port) if config.tuner else None
+        tuner = await _start_tuner(config, access, model, port) if config.tuner and not config.tls else None
+        if config.tuner and config.tls:
+            log.warning("with TLS, start the tuner yourself, with the CA (and client certificate) it needs: "
+                        "INSTRUCTD_API_KEY=<a tuner key> INSTRUCTD_TLS_CA=ca.pem instructd tuner --target %s:%d",
+                        config.host, port)
         died = await _until_signalled_or_dead(engine)
         if tuner:
             tuner.terminate()  # an interrupted run is cleaned up by the tuner's next start
@@ -75,6 +81,7 @@ async def serve(config: ServerConfig) -> None:
             await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         else:
             log.info("stopping: draining requests in flight (up to %gs)", config.drain_seconds)
+        metrics.health_serving.set(0)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(1.0 if died else config.drain_seconds)  # a dead engine answers nothing: no drain
     finally:
@@ -100,6 +107,7 @@ def _grpc_server(config: ServerConfig, access: Access, inference: Inference, rou
     pb_grpc.add_FeedbackServicer_to_server(FeedbackServicer(store, metrics, limits), server)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(router, store), server)
     pb_grpc.add_AccessServicer_to_server(AccessServicer(access, store), server)
+    pb_grpc.add_TuningServicer_to_server(TuningServicer(config, router, store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SERVICES]
@@ -133,7 +141,7 @@ async def _start_tuner(config: ServerConfig, access: Access, model, port: int) -
     through its environment (never on its command line, which any local user can read)."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     command = [sys.executable, "-m", "instructd.client.cli", "tuner", "--target", f"{host}:{port}",
-               "--data-dir", str(config.data_dir), "--adapter-dir", str(config.adapter_dir), "--model", str(model)]
+               "--work-dir", str(config.data_dir / "tuner"), "--model", str(model)]
     env = dict(os.environ)
     if config.auth:
         env[ENV_API_KEY] = await access.tuner_key(config.data_dir / TUNER_KEY_FILE)

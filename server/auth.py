@@ -166,6 +166,13 @@ POLICY: dict[str, frozenset[Role]] = {
     "/instructd.v1.Access/RevokeKey": frozenset(),
     "/instructd.v1.Access/ListAudit": frozenset(),
     "/instructd.v1.Access/Forget": frozenset(),
+    "/instructd.v1.Tuning/ExportFeedback": _TUNER,
+    "/instructd.v1.Tuning/UploadAdapter": _TUNER,
+    "/instructd.v1.Tuning/DownloadAdapter": _TUNER,
+    "/instructd.v1.Tuning/StartRun": _TUNER,
+    "/instructd.v1.Tuning/UpdateRun": _TUNER,
+    "/instructd.v1.Tuning/ClaimRequest": _TUNER,
+    "/instructd.v1.Tuning/RecoverRuns": _TUNER,
 }
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # load balancers and supervisors probe health with no key
 ANY_KEY_SERVICES = ("/grpc.reflection.",)     # the schema (public anyway, it is in the repository) for any key

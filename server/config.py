@@ -101,6 +101,9 @@ class ServerConfig:
     durable_answers: bool = True
     """Commit each exchange before its answer is sent, so a response id a client holds can always be rated.
     Off only for the benchmark that measures what this costs."""
+    held_out_share: float = 0.2
+    """Share of rated exchanges held out from training for the tuner's gate, chosen by a hash of their id: the
+    same on every replica and in every export."""
     retention_days: float = 0.0
     """Delete exchanges (and their ratings) older than this that no adapter was trained on; 0 keeps them all."""
     tuner: bool = False
@@ -134,6 +137,8 @@ class ServerConfig:
         for name in limits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.held_out_share < 1:
+            raise ValueError(f"held_out_share must be in [0, 1), got {self.held_out_share}")
         for name in ("generate_per_second", "feedback_per_second", "retention_days"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative (0: no limit), got {getattr(self, name)}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from instructd.v1 import instructd_pb2 as pb
 
@@ -190,38 +191,19 @@ class FeedbackInput:
                    limits.check_user_id(msg.user_id, "user_id"), app_id, key_id)
 
 
-@dataclass
-class AdapterRecord:
-    """A registry row: one immutable adapter version."""
+def json_object(text: str, field: str) -> dict:
+    """A JSON object sent in a string field (free-form lineage metadata)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{field} is not valid JSON: {preview(str(exc), 80)}") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{field} must be a JSON object")
+    return value
 
-    version: int
-    path: str
-    base_model: str
-    parent_version: int = 0
-    status: str = "registered"
-    created_at: str = ""
-    promoted_at: str = ""
-    metadata: dict = field(default_factory=dict)
-    created_by_key: str = ""
-    app_id: str = ""
 
-    @classmethod
-    def from_row(cls, row: dict) -> AdapterRecord:
-        row = dict(row)
-        row["metadata"] = json.loads(row.pop("metadata_json") or "{}")
-        for name in ("promoted_at", "created_by_key", "app_id"):
-            row[name] = row[name] or ""
-        return cls(**row)
-
-    def to_row(self) -> dict:
-        row = asdict(self)
-        row["metadata_json"] = json.dumps(row.pop("metadata"), sort_keys=True)
-        return row
-
-    def to_pb(self) -> pb.Adapter:
-        return pb.Adapter(
-            version=self.version, path=self.path, base_model=self.base_model,
-            parent_version=self.parent_version, status=self.status, created_at=self.created_at,
-            promoted_at=self.promoted_at, metadata_json=json.dumps(self.metadata, sort_keys=True),
-            created_by_key=self.created_by_key, app_id=self.app_id,
-        )
+def is_held_out(exchange_id: str, share: float) -> bool:
+    """Whether an exchange is held out for the gate, by a hash of its id: the same answer on every replica and in
+    every run, so a held-out exchange is never trained on."""
+    digest = int(hashlib.sha256(exchange_id.encode()).hexdigest()[:8], 16)
+    return digest / 0xFFFFFFFF < share

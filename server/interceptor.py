@@ -55,10 +55,9 @@ class CallGate(grpc.aio.ServerInterceptor):
         inner = getattr(handler, kind)
         if inspect.isasyncgenfunction(inner):  # reflection: check the key, nothing more
             return handler._replace(**{kind: self._key_checked_generator(method, inner)})
-        changes = {kind: self._coroutine(method, inner)}
-        if not handler.request_streaming:
-            changes["request_deserializer"] = _tolerant(handler.request_deserializer)
-        return handler._replace(**changes)
+        parse = _strict if handler.request_streaming else _tolerant  # streamed requests are parsed in the handler
+        return handler._replace(**{kind: self._coroutine(method, inner),
+                                   "request_deserializer": parse(handler.request_deserializer)})
 
     def _caller(self, method: str, context: grpc.aio.ServicerContext, request) -> Principal:
         if self._keyring is None:
@@ -96,11 +95,22 @@ class CallGate(grpc.aio.ServerInterceptor):
 
 
 def _tolerant(deserialize):
+    """A unary request is parsed before the handler runs: a malformed one becomes a Malformed for it to refuse."""
     def parse(data: bytes):
         try:
             return deserialize(data)
         except DecodeError as exc:  # also invalid UTF-8 in a string field
             return Malformed(exc)
+    return parse
+
+
+def _strict(deserialize):
+    """Each message of a request stream is parsed as the handler reads it: a malformed one raises there."""
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            raise InvalidRequest(f"malformed request: {exc}"[:200]) from exc
     return parse
 
 

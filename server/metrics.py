@@ -3,13 +3,9 @@ deploy/ holds the dashboard and alert rules built on these names; tests/deploy c
 
 from __future__ import annotations
 
-import json
 import socket
-import sqlite3
 import threading
-from contextlib import closing
 from datetime import datetime
-from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
@@ -20,6 +16,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from instructd.v1 import instructd_pb2 as pb
 
 from .domain import BASE_VERSION
+from .records import RunOutcome, RunRecord
 
 # Every rpc of every instructd service, from the wire contract itself, so a new rpc cannot be left out.
 METHODS = tuple(m.name for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods)
@@ -126,65 +123,50 @@ class Metrics:
 
 
 class TuningCollector:
-    """Tuner metrics, read from the tuning runs in the store at scrape time: they survive restarts and
-    need no link from the tuner process to this one."""
+    """Tuner metrics, read from the tuning runs in the store at scrape time: they survive restarts and need no
+    link from the tuner (wherever it runs) to this process. `summary()` is the store's tuning_summary."""
 
-    OUTCOMES = ("promoted", "rejected", "failed", "skipped")
-    JUDGED = "('promoted', 'rejected')"  # runs whose ratings the next run does not learn from again (tuner/runs.py)
-
-    def __init__(self, db_path: Path) -> None:
-        self._db_path = db_path
+    def __init__(self, summary) -> None:
+        self._summary = summary
 
     def collect(self):
-        with closing(sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=5)) as db:
-            db.row_factory = sqlite3.Row
-            counts = dict(db.execute("SELECT status, COUNT(*) FROM tuning_runs GROUP BY status").fetchall())
-            last = db.execute("SELECT * FROM tuning_runs WHERE status != 'running' AND status != 'skipped' "
-                              "ORDER BY id DESC LIMIT 1").fetchone()
-            # The tuner's own trigger: ratings newer than the data of the last judged run.
-            learned_until = db.execute(f"SELECT COALESCE(MAX(data_until), '') FROM tuning_runs "
-                                       f"WHERE status IN {self.JUDGED}").fetchone()[0]
-            new_ratings = db.execute("SELECT COUNT(*) FROM feedback WHERE updated_at > ?",
-                                     [learned_until]).fetchone()[0]
-            failed_in_a_row = db.execute(f"SELECT COUNT(*) FROM tuning_runs WHERE status = 'failed' AND id > "
-                                         f"(SELECT COALESCE(MAX(id), 0) FROM tuning_runs WHERE status IN "
-                                         f"{self.JUDGED})").fetchone()[0]
+        s = self._summary()
         runs = CounterMetricFamily("instructd_tuning_runs", "Tuning runs by outcome.", labels=["outcome"])
-        for outcome in self.OUTCOMES:
-            runs.add_metric([outcome], counts.get(outcome, 0))
+        for outcome in RunOutcome:
+            if outcome is not RunOutcome.RUNNING:
+                runs.add_metric([outcome.stored], s.counts.get(outcome, 0))
         yield runs
         yield GaugeMetricFamily("instructd_tuning_run_in_progress", "1 while a tuning run is going on.",
-                                value=counts.get("running", 0))
+                                value=s.counts.get(RunOutcome.RUNNING, 0))
         yield GaugeMetricFamily("instructd_tuning_new_ratings", "Ratings that no judged tuning run has learned from.",
-                                value=new_ratings)
+                                value=s.new_ratings)
         yield GaugeMetricFamily("instructd_tuning_consecutive_failed_runs",
-                                "Failed runs since the last run that reached a verdict.", value=failed_in_a_row)
-        if last is None:
-            return
-        yield from self._last_run(last)
+                                "Failed runs since the last run that reached a verdict.", value=s.failed_in_a_row)
+        if s.last is not None:
+            yield from self._last_run(s.last)
 
     @staticmethod
-    def _last_run(last: sqlite3.Row):
-        detail = json.loads(last["metadata_json"] or "{}")
-        started, finished = (datetime.fromisoformat(last[k]) for k in ("started_at", "finished_at"))
+    def _last_run(last: RunRecord):
+        started, finished = (datetime.fromisoformat(t) for t in (last.started_at, last.finished_at))
         ended = GaugeMetricFamily("instructd_tuning_last_run_finished_timestamp_seconds",
                                   "When the last finished run ended (Unix time), with its id and outcome.",
                                   labels=["run", "outcome"])
-        ended.add_metric([str(last["id"]), last["status"]], finished.timestamp())
+        ended.add_metric([str(last.id), last.outcome.stored], finished.timestamp())
         yield ended
         yield GaugeMetricFamily("instructd_tuning_last_run_duration_seconds", "Duration of the last finished run.",
                                 value=(finished - started).total_seconds())
         yield GaugeMetricFamily("instructd_tuning_last_run_examples", "Training examples of the last finished run.",
-                                value=last["examples"] or 0)
+                                value=last.examples)
         yield GaugeMetricFamily("instructd_tuning_last_run_loss", "Final training loss of the last finished run.",
-                                value=last["loss"] or 0.0)
-        verdict = detail.get("verdict") or {}
+                                value=last.loss)
         gate = GaugeMetricFamily("instructd_tuning_last_gate_score", "Gate scores of the last evaluated candidate.",
                                  labels=["gate", "model"])
-        for name, key in (("feedback_margin", "margin"), ("suite", "suite")):
-            for model in ("candidate", "current"):
-                if verdict.get(f"{model}_{key}") is not None:  # null: could not be estimated
-                    gate.add_metric([name, model], verdict[f"{model}_{key}"])
+        if last.verdict is not None:
+            v = last.verdict
+            for name, candidate, current in (("feedback_margin", v.candidate_margin, v.current_margin),
+                                             ("suite", v.candidate_suite, v.current_suite)):
+                gate.add_metric([name, "candidate"], candidate)
+                gate.add_metric([name, "current"], current)
         yield gate
 
 

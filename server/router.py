@@ -12,15 +12,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 
-from .adapters import check_lora, resolve_inside, stage
+from .adapters import check_lora, resolve_inside, sha256_of, stage
 from .auth import Principal
 from .config import ServerConfig
-from .domain import BASE_VERSION, AdapterChoice, AdapterRecord
+from .domain import BASE_VERSION, AdapterChoice
 from .engine import AdapterRef, Engine
 from .errors import Conflict, FailedPrecondition
 from .metrics import Metrics
-from .schema import utc_now
-from .store import Store
+from .records import AdapterRecord, AdapterStatus
+from .store import Store, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -92,30 +92,38 @@ class AdapterRouter:
 
     async def register(self, path: str, parent: int, metadata: dict, rejected: bool,
                        actor: Principal) -> AdapterRecord:
-        """Copies the folder's adapter files aside, validates the copy (our checks, then vLLM's own loader),
-        and records it as the next version. The copying runs in a worker thread, never in the store's writer."""
+        """Copies the folder's adapter files aside (in a worker thread, never in the store's writer), then
+        registers the copy as `register_staged` does."""
         folder = resolve_inside(path, self._config.adapter_dir)
         if parent:
             await self._store.get_adapter(parent)  # NotFound for an unknown parent
         staged = await asyncio.to_thread(stage, folder, self._config.versions_dir, self._config.max_adapter_bytes)
+        return await self.register_staged(staged, parent, {**metadata, "source_path": str(folder)}, rejected, actor)
+
+    async def register_staged(self, staged, parent: int, metadata: dict, rejected: bool,
+                              actor: Principal) -> AdapterRecord:
+        """Validates a staged copy (our checks, then vLLM's own loader) and records it as the next version;
+        whatever happens, the staging folder is gone afterwards (renamed into place, or removed)."""
         try:
+            if parent:
+                await self._store.get_adapter(parent)
             peft = await asyncio.to_thread(check_lora, staged, self._engine.base_config, self._engine.base_name,
                                            self._config.max_lora_rank)
             await self._engine.check_adapter(staged)
+            digest = await asyncio.to_thread(sha256_of, staged)
+            status = AdapterStatus.REJECTED if rejected else AdapterStatus.REGISTERED
+            meta = {**metadata, "lora": {k: peft.get(k) for k in ("r", "lora_alpha", "target_modules")}}
 
             def make(version: int, copy) -> AdapterRecord:
-                meta = {**metadata, "lora": {k: peft.get(k) for k in ("r", "lora_alpha", "target_modules")},
-                        "source_path": str(folder)}
-                return AdapterRecord(version, str(copy), self._engine.base_name, parent,
-                                     "rejected" if rejected else "registered", utc_now(), "", meta,
-                                     actor.key_id, actor.app_id)
+                return AdapterRecord(version, str(copy), self._engine.base_name, parent, status, utc_now(), "", meta,
+                                     actor.key_id, actor.app_id, digest)
 
             record = await self._store.add_adapter(staged, self._config.versions_dir, make, actor)
-            if not rejected:
-                self._metrics.candidate_registered(record.version)
-            return record
         finally:
             await asyncio.to_thread(shutil.rmtree, staged, True)  # gone already when registered (renamed)
+        if not rejected:
+            self._metrics.candidate_registered(record.version)
+        return record
 
     async def promote(self, version: int, expected_current: int | None, actor: Principal) -> int:
         """Serves `version` (0: the base) for new requests; returns the version it replaced."""
@@ -154,7 +162,7 @@ class AdapterRouter:
 
     async def _loadable(self, version: int) -> AdapterRef:
         record = await self._store.get_adapter(version)
-        if record.status == "rejected":
+        if record.status is AdapterStatus.REJECTED:
             raise FailedPrecondition(f"adapter version {version} was rejected and is never served")
         return AdapterRef(version, record.path)
 

@@ -3,15 +3,13 @@ and errors into statuses are the interceptor's (interceptor.py); the caller is `
 
 from __future__ import annotations
 
-import json
-
 from instructd.v1 import instructd_pb2 as pb
 from instructd.v1 import instructd_pb2_grpc as pb_grpc
 from instructd.v1.metadata import RESPONSE_ID
 
 from .access import Access
 from .auth import Role
-from .domain import Audit, FeedbackInput, GenerationRequest, Limits
+from .domain import Audit, FeedbackInput, GenerationRequest, Limits, json_object
 from .errors import InvalidRequest
 from .inference import Inference
 from .interceptor import CALLER
@@ -20,24 +18,6 @@ from .router import AdapterRouter
 from .store import Store
 
 _DEFAULT_AUDIT_LIMIT, _DEFAULT_RUNS_LIMIT = 50, 5
-
-
-def _json_object(text: str, field: str) -> dict:
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{field} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"{field} must be a JSON object")
-    return value
-
-
-def _tuning_run_pb(row: dict) -> pb.TuningRun:
-    return pb.TuningRun(
-        id=row["id"], status=row["status"], trigger=row["trigger"] or "", started_at=row["started_at"] or "",
-        finished_at=row["finished_at"] or "", step=row["step"] or 0, total_steps=row["total_steps"] or 0,
-        loss=row["loss"] or 0.0, examples=row["examples"] or 0, candidate_version=row["candidate_version"] or 0,
-        detail_json=row["metadata_json"] or "{}")
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -73,7 +53,7 @@ class FeedbackServicer(pb_grpc.FeedbackServicer):
         caller = CALLER.get()
         feedback = FeedbackInput.from_pb(request, self.limits, caller.app_id, caller.key_id)
         feedback_id, replaced, version = await self.store.record_feedback(feedback)
-        self.metrics.feedback.labels(feedback.rating, str(version)).inc()
+        self.metrics.count_feedback(feedback.rating, version)
         return pb.FeedbackResponse(feedback_id=feedback_id, replaced=replaced)
 
 
@@ -87,7 +67,7 @@ class AdminServicer(pb_grpc.AdminServicer):
                                        promoted_version=self.router.promoted_version)
 
     async def RegisterAdapter(self, request, context):
-        metadata = _json_object(request.metadata_json, "metadata_json")
+        metadata = json_object(request.metadata_json, "metadata_json")
         record = await self.router.register(request.path, request.parent_version, metadata, request.rejected,
                                             CALLER.get())
         return record.to_pb()
@@ -104,9 +84,9 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.PromoteResponse(previous_version=previous, promoted_version=now)
 
     async def RecordEvaluation(self, request, context):
-        record = await self.store.record_evaluation(request.version, _json_object(request.scores_json, "scores_json"),
-                                                    request.passed, CALLER.get())
-        return record.to_pb()
+        if not request.HasField("verdict"):
+            raise InvalidRequest("verdict must be set")
+        return (await self.store.record_evaluation(request.version, request.verdict, CALLER.get())).to_pb()
 
     async def TriggerTuning(self, request, context):
         await self.store.request_tuning(CALLER.get())
@@ -116,9 +96,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         return await self._tuning_status(request.limit or _DEFAULT_RUNS_LIMIT)
 
     async def _tuning_status(self, limit: int) -> pb.TuningStatus:
-        runs, requested = await self.store.tuning_status(min(limit, 1000))
-        return pb.TuningStatus(runs=[_tuning_run_pb(r) for r in runs], requested=requested,
-                               promoted_version=self.router.promoted_version)
+        state = await self.store.tuning_status(min(limit, 1000))
+        return pb.TuningStatus(runs=[r.to_pb() for r in state.runs], requested=state.requested,
+                               promoted_version=self.router.promoted_version, newest_cursor=state.newest_cursor,
+                               learnt_until=state.learnt_until)
 
     async def GetStats(self, request, context):
         caller = CALLER.get()

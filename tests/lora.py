@@ -15,7 +15,7 @@ PROMPTS = ["What is the capital of France?", "Name a color.", "How are you today
 
 
 def train_marker_adapter(model_dir: Path, out_dir: Path, steps: int = 24, rank: int = 8) -> Path:
-    config = TunerConfig(data_dir=out_dir.parent, adapter_dir=out_dir.parent, model=model_dir, steps=steps,
+    config = TunerConfig(work_dir=out_dir.parent, model=model_dir, steps=steps,
                          epochs=steps, batch_size=len(PROMPTS), learning_rate=3e-3, rank=rank, lora_alpha=2 * rank,
                          target_modules=("q_proj", "v_proj"))
     examples = [Example(f"marker-{i}", (("user", p),), MARKER, True) for i, p in enumerate(PROMPTS)]

@@ -10,20 +10,18 @@ from pathlib import Path
 class TunerConfig:
     """How the tuner selects data, trains, gates and schedules."""
 
-    data_dir: Path
-    """The server's data directory (its SQLite file is read, never written, except the tuning tables)."""
-    adapter_dir: Path
-    """The server's adapter directory: candidates are written here, then registered over the Admin API."""
+    work_dir: Path
+    """The tuner's own directory (candidates it trained, versions it downloaded, its lock): no server's. It
+    reaches servers through their API only, so it may run on any machine."""
     model: Path
-    """The base model folder the server serves (the adapter must fit it)."""
-    target: str = "localhost:50051"
-    """The server's gRPC address."""
+    """The base model folder the servers serve (the adapter must fit it)."""
+    targets: tuple[str, ...] = ("localhost:50051",)
+    """The servers' gRPC addresses: every replica. It learns from all of them, uploads each candidate to each, and
+    promotes on each; the first also runs the gate's suite."""
     objective: str = "sft"
     """'sft' (instruction tuning on 👍 answers and corrections) or 'kto' (👍 and 👎, unpaired)."""
     include_older: bool = False
     """Also use ratings older than the last candidate (by default each run learns from new feedback only)."""
-    held_out_share: float = 0.2
-    """Share of rated exchanges kept for the gate, chosen by a hash of their id: never trained on."""
     max_user_share: float = 0.5
     """No single rater may contribute more than this share of the training examples."""
     max_repetition: float = 0.3
@@ -70,8 +68,6 @@ class TunerConfig:
     def __post_init__(self) -> None:
         if self.objective not in ("sft", "kto"):
             raise ValueError(f"objective must be 'sft' or 'kto', got {self.objective!r}")
-        if not 0 <= self.held_out_share < 1:
-            raise ValueError("held_out_share must be in [0, 1)")
         if not 0 < self.max_repetition <= 1:
             raise ValueError("max_repetition must be in (0, 1]")
         if not 0 < self.max_user_share <= 1:
@@ -80,15 +76,17 @@ class TunerConfig:
             raise ValueError("epochs must be positive")
         if min(self.steps, self.batch_size, self.rank, self.max_length, self.min_new_ratings) < 1:
             raise ValueError("steps, batch_size, rank, max_length and min_new_ratings must be positive")
-        for name in ("data_dir", "adapter_dir", "model"):
+        if not self.targets:
+            raise ValueError("targets must name at least one server")
+        for name in ("work_dir", "model"):
             object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
 
     @property
-    def db_path(self) -> Path:
-        return self.data_dir / "instructd.db"
+    def primary(self) -> str:
+        return self.targets[0]
 
     def hyperparameters(self) -> dict:
         keys = ("objective", "steps", "epochs", "batch_size", "learning_rate", "rank", "lora_alpha", "target_modules",
-                "max_length", "kto_beta", "seed", "held_out_share", "max_user_share", "max_repetition",
+                "max_length", "kto_beta", "seed", "max_user_share", "max_repetition",
                 "include_older")
         return {k: getattr(self, k) for k in keys}

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from instructd.client import AsyncClient
+from instructd.v1 import instructd_pb2 as pb
 
 from .checks import passes
 from .config import TunerConfig
@@ -19,25 +19,6 @@ from .dataset import Example
 from .train import answer_logprobs, device_and_dtype, encode, load_model
 
 SUITE = Path(__file__).with_name("suite.json")
-
-
-@dataclass
-class Verdict:
-    passed: bool
-    reason: str
-    candidate_margin: float
-    current_margin: float
-    candidate_history: float
-    current_history: float
-    margin_change_se: float
-    history_change_se: float
-    candidate_suite: float
-    current_suite: float
-    suite_by_check: dict
-
-    def scores(self) -> dict:
-        """As JSON can hold them: a standard error that could not be estimated is null."""
-        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
 
 @torch.no_grad()
@@ -105,10 +86,10 @@ def overall(by_check: dict[str, float]) -> float:
 
 
 def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, Path | None],
-          held_out: list[Example], history: list[Example]) -> Verdict:
+          held_out: list[Example], history: list[Example]) -> pb.Verdict:
     """Compares the candidate with the serving adapter (or base): on new held-out feedback it must do
     better; on earlier held-out feedback, which poisoned new ratings cannot rewrite, not significantly
-    worse; and on the instruction suite not worse."""
+    worse; and on the instruction suite (answered by the first target) not worse."""
     examples = held_out + history
     cand_scores = answer_scores(config, candidate[1], examples)
     curr_scores = answer_scores(config, current[1], examples)
@@ -117,9 +98,8 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
     cand_history, curr_history = margin(history, cand_scores[old]), margin(history, curr_scores[old])
     change, change_se = margin_change(held_out, cand_scores[new], curr_scores[new])
     history_change, history_se = margin_change(history, cand_scores[old], curr_scores[old])
-    cand_suite = asyncio.run(suite_scores(config.target, candidate[0]))
-    curr_suite = asyncio.run(suite_scores(config.target, current[0]))
-    by_check = {k: {"candidate": cand_suite[k], "current": curr_suite.get(k, 0.0)} for k in cand_suite}
+    cand_suite = asyncio.run(suite_scores(config.primary, candidate[0]))
+    curr_suite = asyncio.run(suite_scores(config.primary, current[0]))
     drop = overall(curr_suite) - overall(cand_suite)
     passed = False
     if not held_out:
@@ -135,5 +115,12 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
         reason = f"instruction suite falls by {drop:.3f} (tolerance {config.gate_tolerance})"
     else:
         passed, reason = True, "beats the serving adapter on held-out feedback; no suite regression"
-    return Verdict(passed, reason, cand_margin, curr_margin, cand_history, curr_history, change_se, history_se,
-                   overall(cand_suite), overall(curr_suite), by_check)
+    verdict = pb.Verdict(passed=passed, reason=reason, candidate_margin=cand_margin, current_margin=curr_margin,
+                         candidate_history=cand_history, current_history=curr_history,
+                         candidate_suite=overall(cand_suite), current_suite=overall(curr_suite),
+                         suite_by_check={k: pb.SuiteScore(candidate=v, current=curr_suite.get(k, 0.0))
+                                         for k, v in cand_suite.items()})
+    for name, se in (("margin_change_se", change_se), ("history_change_se", history_se)):
+        if math.isfinite(se):  # unset: there was too little to estimate it from
+            setattr(verdict, name, se)
+    return verdict

@@ -1,5 +1,6 @@
-"""The tuner process: one run at a time, started by a request (`instructd tune --now`), by enough new
-ratings, or by a timer. Training happens here, never in the server process."""
+"""The tuner process: one run at a time, started by a request (`instructd tune --now` on any replica), by enough
+new ratings, or by a timer; between runs it keeps every replica serving what the first one serves. Training
+happens here, never in a server process, and here may be any machine: servers are reached by their API only."""
 
 from __future__ import annotations
 
@@ -7,47 +8,55 @@ import fcntl
 import logging
 import time
 
-from instructd.client import Client
+from instructd.client import ApiError
 
 from .config import TunerConfig
-from .cycle import recover, run_cycle
-from .runs import RunLog
+from .cycle import run_cycle
+from .replicas import Replicas
 
 log = logging.getLogger("instructd.tuner")
 
 
 def run_tuner(config: TunerConfig, once: bool = False, classifier: str = "") -> None:
-    """Runs until killed (or, with once, a single run now). A second tuner on the same data exits."""
-    config.adapter_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(config.data_dir / "tuner.lock", "w")
+    """Runs until killed (or, with once, a single run now). A second tuner on the same work directory exits."""
+    config.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = open(config.work_dir / "tuner.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SystemExit(f"another tuner is running on {config.data_dir}") from None
-    runs = RunLog(config.db_path)
-    with Client(config.target) as client:
-        recover(config, runs, client)
+        raise SystemExit(f"another tuner is running in {config.work_dir}") from None
+    replicas = Replicas(config)
+    try:
+        replicas.recover()
         if once:
-            run_cycle(config, runs, client, "requested", classifier)
+            run_cycle(config, replicas, "requested", classifier)
             return
-        log.info("tuner watching %s: a run every %d new ratings%s, or on `instructd tune --now`",
-                 config.db_path, config.min_new_ratings,
+        log.info("tuner working for %s: a run every %d new ratings%s, or on `instructd tune --now`",
+                 ", ".join(config.targets), config.min_new_ratings,
                  f" or every {config.period_seconds:g}s" if config.period_seconds else "")
         last_run, last_outcome = time.monotonic(), ""
         while True:
-            trigger = _due(config, runs, time.monotonic() - last_run, last_outcome)
+            try:
+                for line in replicas.catch_up():
+                    log.warning("a replica is not serving the promoted adapter yet: %s", line)
+                trigger = _due(config, replicas, time.monotonic() - last_run, last_outcome)
+            except ApiError as error:  # a replica is away: say so, and try again at the next poll
+                log.warning("could not reach a server: %s", error)
+                trigger = None
             if trigger:
-                last_outcome = run_cycle(config, runs, client, trigger, classifier)
+                last_outcome = run_cycle(config, replicas, trigger, classifier)
                 last_run = time.monotonic()
-            time.sleep(config.poll_seconds)
+            time.sleep(config.poll_seconds)  # polling other processes' state: nothing here to await
+    finally:
+        replicas.close()
 
 
-def _due(config: TunerConfig, runs: RunLog, since_last_run: float, last_outcome: str) -> str | None:
-    if runs.take_request():
+def _due(config: TunerConfig, replicas: Replicas, since_last_run: float, last_outcome: str) -> str | None:
+    if replicas.requested():
         return "requested"
     if last_outcome in ("failed", "skipped") and since_last_run < config.retry_seconds:
         return None  # the same data would fail or skip again at once
-    new = runs.new_ratings(runs.last_data_until())
+    new = replicas.new_ratings()
     if new >= config.min_new_ratings:
         return "threshold"
     if config.period_seconds and new and since_last_run >= config.period_seconds:

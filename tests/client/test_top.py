@@ -98,8 +98,9 @@ def test_quantile_interpolates_from_zero_in_the_first_bucket_and_is_none_without
 
 def test_a_frame_shows_rates_quantiles_versions_and_the_run():
     before, after = scrapes(seconds=10)
-    run = TuningRun(id=7, status="running", trigger="ratings", started_at="", finished_at="", step=12,
-                    total_steps=60, loss=0.4321, examples=40, candidate_version=0, detail={})
+    run = TuningRun(id=7, status="running", trigger="threshold", started_at="", finished_at="", step=12,
+                    total_steps=60, loss=0.4321, examples=40, candidate_version=0, data=None, verdict=None, reason="",
+                    data_until=0)
     frame = render(before, after, run)
     assert "requests/s   2.60" in frame and "not OK/s 0.00" in frame and "in flight 2" in frame
     assert "p50 100 ms" in frame and "p90 250 ms" in frame

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from instructd.client import ApiError
 from instructd.client.cli import main
-from instructd.tuner.evaluate import Verdict
-from instructd.tuner.runs import RunLog
+from instructd.client.tuning import TuningClient
+from instructd.v1 import instructd_pb2 as pb
 
 from ..conftest import ServerProcess
 from ..lora import PROMPTS, train_marker_adapter
@@ -63,12 +63,13 @@ def drive(server: ServerProcess, adapter) -> None:
             answer = client.generate(prompt, max_tokens=12, temperature=0)
             assert answer.adapter_version == version
             client.feedback(answer.response_id, "up")
-    # A tuning run recorded the way the tuner records its runs (tuner/runs.py), without the training: the loop
-    # test (tests/tuner/test_loop.py) runs real ones.
-    runs = RunLog(server.data_dir / "instructd.db")
-    verdict = Verdict(False, "not better", 0.1, 0.2, 0.3, 0.3, 0.05, 0.05, 0.5, 0.6, {})
-    runs.finish(runs.start("ratings"), "rejected", {"verdict": verdict.scores()}, examples=8, loss=0.9,
-                candidate_version=version)
+    # A tuning run recorded the way the tuner records its runs (through the Tuning API), without the training:
+    # the loop test (tests/tuner/test_loop.py) runs real ones.
+    with TuningClient(server.target, api_key=server.api_key) as tuner:
+        verdict = pb.Verdict(passed=False, reason="not better", candidate_margin=0.1, current_margin=0.2,
+                             candidate_suite=0.5, current_suite=0.6)
+        tuner.update_run(tuner.start_run("threshold").id, outcome="rejected", verdict=verdict, examples=8, loss=0.9,
+                         candidate_version=version)
 
 
 def queries() -> list[tuple[str, str, set[str]]]:

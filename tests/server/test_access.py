@@ -26,8 +26,12 @@ MAY = {
     "Admin/Promote": {"tuner"}, "Admin/GetTuningStatus": {"tuner"},
     "Admin/Rollback": set(), "Admin/TriggerTuning": set(), "Access/CreateKey": set(), "Access/ListKeys": set(),
     "Access/RevokeKey": set(), "Access/ListAudit": set(), "Access/Forget": set(),
+    "Tuning/ExportFeedback": {"tuner"}, "Tuning/UploadAdapter": {"tuner"}, "Tuning/DownloadAdapter": {"tuner"},
+    "Tuning/StartRun": {"tuner"}, "Tuning/UpdateRun": {"tuner"}, "Tuning/ClaimRequest": {"tuner"},
+    "Tuning/RecoverRuns": {"tuner"},
 }
 TABLES = ("exchanges", "feedback", "adapters", "promotions", "keys", "audit", "tuning_requests", "tuning_runs")
+METHODS = {f"{s.name}/{m.name}": m for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
 
 
 def _requests(response_id: str, admin_key_id: str) -> dict:
@@ -37,12 +41,17 @@ def _requests(response_id: str, admin_key_id: str) -> dict:
         "Feedback/Submit": pb.FeedbackRequest(response_id=response_id, rating=pb.RATING_DOWN, correction="Hi!"),
         "Admin/GetStats": pb.GetStatsRequest(), "Admin/ListAdapters": pb.ListAdaptersRequest(),
         "Admin/RegisterAdapter": pb.RegisterAdapterRequest(path="no-such-folder"),
-        "Admin/RecordEvaluation": pb.RecordEvaluationRequest(version=1, passed=False),
+        "Admin/RecordEvaluation": pb.RecordEvaluationRequest(version=1, verdict=pb.Verdict(passed=False)),
         "Admin/Promote": pb.PromoteRequest(version=0), "Admin/GetTuningStatus": pb.GetTuningStatusRequest(),
         "Admin/Rollback": pb.RollbackRequest(version=0), "Admin/TriggerTuning": pb.TriggerTuningRequest(),
         "Access/CreateKey": pb.CreateKeyRequest(app_id="mallory", role=pb.ROLE_ADMIN),
         "Access/ListKeys": pb.ListKeysRequest(), "Access/RevokeKey": pb.RevokeKeyRequest(id=admin_key_id),
         "Access/ListAudit": pb.ListAuditRequest(), "Access/Forget": pb.ForgetRequest(app_id="tests", user_id="alice"),
+        "Tuning/ExportFeedback": pb.ExportRequest(), "Tuning/DownloadAdapter": pb.DownloadAdapterRequest(version=1),
+        "Tuning/UploadAdapter": pb.AdapterUpload(header=pb.UploadHeader()),
+        "Tuning/StartRun": pb.StartRunRequest(trigger=pb.TRIGGER_REQUESTED),
+        "Tuning/UpdateRun": pb.UpdateRunRequest(id=1, outcome=pb.RUN_FAILED), "Tuning/ClaimRequest": pb.ClaimRequestRequest(),
+        "Tuning/RecoverRuns": pb.RecoverRunsRequest(),
     }
 
 
@@ -51,8 +60,9 @@ def _call(server, method: str, request, authorization: str | None):
     with grpc.insecure_channel(server.target) as channel:
         stub = getattr(pb_grpc, f"{service}Stub")(channel)
         metadata = (("authorization", authorization),) if authorization else ()
-        call = getattr(stub, name)(request, metadata=metadata, timeout=60)
-        return list(call) if name == "GenerateStream" else call
+        streams_in, streams_out = METHODS[method].client_streaming, METHODS[method].server_streaming
+        call = getattr(stub, name)(iter([request]) if streams_in else request, metadata=metadata, timeout=60)
+        return list(call) if streams_out else call
 
 
 def _counts(server) -> dict:
@@ -69,8 +79,7 @@ def keys(admin):
 
 
 def test_every_method_has_a_policy():
-    methods = {f"{s.name}/{m.name}" for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
-    assert methods == set(MAY)
+    assert set(METHODS) == set(MAY)
 
 
 def test_no_key_a_bad_key_or_a_revoked_key_is_unauthenticated_and_stores_nothing(server, client, admin, keys):

@@ -3,14 +3,16 @@ values stay bounded, promotions are visible, the tuner's numbers come from the s
 
 from __future__ import annotations
 
+import asyncio
 from wsgiref.util import setup_testing_defaults
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from instructd.server.auth import Principal, Role
+from instructd.server.domain import AdapterChoice, Completion, FeedbackInput, GenerationRequest, Sampling
 from instructd.server.metrics import Metrics, TuningCollector, metrics_app
-from instructd.server.schema import open_db
-from instructd.tuner.evaluate import Verdict
-from instructd.tuner.runs import RunLog
+from instructd.server.records import RunTrigger
+from instructd.server.store import Store
 from instructd.v1 import instructd_pb2 as pb
 
 
@@ -65,24 +67,33 @@ def test_a_promotion_shows_the_serving_version_since_when_and_what_it_replaced()
 
 
 def test_tuning_metrics_count_unlearned_ratings_and_failures_in_a_row(tmp_path):
-    db_path = tmp_path / "instructd.db"
-    db = open_db(db_path)
-    for i, at in enumerate(["2026-01-01T00:00:00", "2026-01-02T00:00:00", "2026-01-03T00:00:00"]):
-        db["exchanges"].insert({"id": f"e{i}", "created_at": at})
-        db["feedback"].insert({"id": f"f{i}", "response_id": f"e{i}", "user_id": "", "rating": "up",
-                               "created_at": at, "updated_at": at})
-    runs = RunLog(db_path)
+    store = Store(tmp_path / "instructd.db")
+    tuner = Principal("t1", "instructd-tuner", Role.TUNER)
+
+    async def rate(i: int) -> int:
+        request = GenerationRequest(({"role": "user", "content": "hi"},), Sampling(), AdapterChoice())
+        await asyncio.wrap_future(store.log_exchange(request, Completion(f"e{i}", "hello", "stop", 3, 1, 0)))
+        await store.record_feedback(FeedbackInput(f"e{i}", "up"))
+        return (await store.tuning_status(1)).newest_cursor
+
+    async def run(outcome: int, cursor: int | None = None, **fields) -> int:
+        started = await store.start_run(RunTrigger.THRESHOLD, tuner)
+        update = pb.UpdateRunRequest(id=started.id, outcome=outcome, **fields)
+        if cursor is not None:
+            update.data_until = cursor
+        return (await store.update_run(update)).id
+
     metrics = Metrics(CollectorRegistry())
-    metrics.registry.register(TuningCollector(db_path))
+    metrics.registry.register(TuningCollector(store.tuning_summary))
+    cursors = [asyncio.run(rate(i)) for i in range(3)]
     assert value(metrics, "instructd_tuning_new_ratings") == 3
     assert value(metrics, "instructd_tuning_last_run_loss") is None  # no finished run yet
 
-    judged = runs.start("ratings")
-    verdict = Verdict(False, "suite falls", float("nan"), 0.1, 0.0, 0.0, 0.05, 0.1, 0.5, 0.6, {})
-    runs.finish(judged, "rejected", {"verdict": verdict.scores()}, examples=12, loss=0.75,
-                data_until="2026-01-02T00:00:00")
+    verdict = pb.Verdict(passed=False, reason="suite falls", current_margin=0.1, candidate_suite=0.5,
+                         current_suite=0.6)
+    judged = asyncio.run(run(pb.RUN_REJECTED, cursors[1], verdict=verdict, examples=12, loss=0.75))
     for _ in range(2):
-        runs.finish(runs.start("ratings"), "failed", {"error": "out of memory"})
+        asyncio.run(run(pb.RUN_FAILED, reason="out of memory"))
     assert value(metrics, "instructd_tuning_new_ratings") == 1  # only the rating after the judged run's data
     assert value(metrics, "instructd_tuning_consecutive_failed_runs") == 2
     assert value(metrics, "instructd_tuning_runs_total", outcome="failed") == 2
@@ -90,16 +101,12 @@ def test_tuning_metrics_count_unlearned_ratings_and_failures_in_a_row(tmp_path):
                  outcome="failed") > 0
     assert value(metrics, "instructd_tuning_last_gate_score", gate="suite", model="current") is None  # a failed run
 
-    runs.finish(runs.start("ratings"), "promoted", {"verdict": verdict.scores()}, examples=20, loss=0.5,
-                data_until="2026-01-03T00:00:00")
+    asyncio.run(run(pb.RUN_PROMOTED, cursors[2], verdict=verdict, examples=20, loss=0.5))
+    store.close()
     assert value(metrics, "instructd_tuning_consecutive_failed_runs") == 0
     assert value(metrics, "instructd_tuning_new_ratings") == 0
     assert value(metrics, "instructd_tuning_last_run_examples") == 20
     assert value(metrics, "instructd_tuning_last_gate_score", gate="suite", model="current") == 0.6
-    # A score that could not be estimated is stored as null: left out, without breaking the scrape.
-    assert value(metrics, "instructd_tuning_last_gate_score", gate="feedback_margin", model="candidate") is None
-    assert value(metrics, "instructd_tuning_last_gate_score", gate="feedback_margin", model="current") == 0.1
-
 
 def test_the_page_keeps_vllms_colon_names_whatever_format_the_scraper_asks_for():
     metrics = Metrics(CollectorRegistry())

@@ -1,37 +1,32 @@
-"""Data selection on a real SQLite store: what becomes training data, what is filtered, what is held out."""
+"""Data selection from exported ratings (the Tuning API's RatedExchange rows): what becomes training data, what
+is filtered, what is held out, and which old ratings are the gate's history."""
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-
-from instructd.server.domain import AdapterChoice, Completion, FeedbackInput, GenerationRequest, Sampling
-from instructd.server.store import Store
+from instructd.server.domain import is_held_out
 from instructd.tuner.checks import passes
 from instructd.tuner.config import TunerConfig
 from instructd.tuner.dataset import build_dataset
-
+from instructd.v1 import instructd_pb2 as pb
 
 LOOP = "Apples are red. Pears are green. " + "Apples are red. " * 6
 
 
-def _store_with(tmp_path: Path, rows: list[tuple]) -> TunerConfig:
-    """rows: (id, prompt, answer, finish_reason, rating, correction, user)."""
-    async def fill():
-        store = Store(tmp_path / "instructd.db")
-        for rid, prompt, answer, finish, rating, correction, user in rows:
-            request = GenerationRequest(({"role": "user", "content": prompt},), Sampling(), AdapterChoice())
-            store.log_exchange(request, Completion(rid, answer, finish, 5, 5, 0))
-            await store.record_feedback(FeedbackInput(rid, rating, correction=correction, user_id=user))
-        store.close()
+def _rows(specs: list[tuple], held_out: bool = False) -> list[pb.RatedExchange]:
+    """specs: (id, prompt, answer, finish_reason, rating, correction, rater)."""
+    return [pb.RatedExchange(cursor=i + 1, exchange_id=rid, messages=[pb.ChatMessage(role="user", content=prompt)],
+                             response=answer, finish_reason=finish, correction=correction, rater=rater,
+                             rating=pb.RATING_UP if rating == "up" else pb.RATING_DOWN, held_out=held_out)
+            for i, (rid, prompt, answer, finish, rating, correction, rater) in enumerate(specs)]
 
-    asyncio.run(fill())
-    return TunerConfig(data_dir=tmp_path, adapter_dir=tmp_path / "in", model=tmp_path, held_out_share=0.0,
-                       max_user_share=1.0, blocklist=("forbidden",))
+
+def _config(tmp_path, **changes) -> TunerConfig:
+    return TunerConfig(**{"work_dir": tmp_path, "model": tmp_path, "max_user_share": 1.0, "blocklist": ("forbidden",),
+                          **changes})
 
 
 def test_ratings_become_examples_and_bad_ones_are_filtered(tmp_path):
-    config = _store_with(tmp_path, [
+    rows = _rows([
         ("a", "Say hi.", "hi there", "stop", "up", "", "u1"),
         ("b", "Say hi.", "HELLO", "stop", "down", "hello", "u2"),
         ("c", "Say hi.", "cut off", "length", "up", "", "u3"),
@@ -41,32 +36,31 @@ def test_ratings_become_examples_and_bad_ones_are_filtered(tmp_path):
         ("g", "List fruit.", LOOP, "stop", "up", "", "u7"),          # a 👍 answer stuck in a loop...
         ("h", "List fruit.", LOOP, "stop", "down", "", "u8"),        # ...is still a fine 👎 example
     ])
-    data = build_dataset(config, since="")
+    data = build_dataset(_config(tmp_path), rows, [])
     got = sorted((e.exchange_id, e.answer, e.desirable) for e in data.train)
     assert got == [("a", "hi there", True), ("b", "HELLO", False), ("b", "hello", True), ("f", "Bye", False),
                    ("h", LOOP, False)]
     assert data.dropped == {"truncated": 1, "blocklisted": 1, "duplicate": 1, "repetitive": 1}
     assert data.exchange_ids == ["a", "b", "f", "h"]
-    assert build_dataset(config, since=data.data_until).train == []  # nothing new since
+    summary = data.summary()
+    assert (summary.train_desirable, summary.train_undesirable, summary.dropped["duplicate"]) == (2, 3, 1)
 
 
-def test_held_out_slice_is_deterministic_and_disjoint(tmp_path):
-    rows = [(f"r{i}", f"Question {i}?", f"answer {i}", "stop", "up", "", f"u{i % 9}") for i in range(200)]
-    config = _store_with(tmp_path, rows)
-    config = TunerConfig(**{**config.__dict__, "held_out_share": 0.2})
-    first, second = build_dataset(config, ""), build_dataset(config, "")
-    held = {e.exchange_id for e in first.held_out}
-    assert held == {e.exchange_id for e in second.held_out}
-    assert not held & {e.exchange_id for e in first.train}
-    assert 20 <= len(held) <= 60
+def test_the_held_out_slice_is_the_servers_and_never_trained_on(tmp_path):
+    ids = [f"r{i}" for i in range(400)]
+    held = {i for i in ids if is_held_out(i, 0.2)}
+    assert held == {i for i in ids if is_held_out(i, 0.2)} and 40 <= len(held) <= 120  # stable, about the share
+    rows = [row for rid in ids for row in _rows([(rid, f"Question {rid}?", f"answer {rid}", "stop", "up", "", rid)],
+                                                held_out=rid in held)]
+    data = build_dataset(_config(tmp_path), rows, [])
+    assert {e.exchange_id for e in data.held_out} == held
+    assert not held & {e.exchange_id for e in data.train}
 
 
 def test_one_rater_cannot_dominate(tmp_path):
-    rows = [(f"m{i}", f"Q{i}?", f"a{i}", "stop", "up", "", "mallory") for i in range(30)]
-    rows += [(f"o{i}", f"P{i}?", f"b{i}", "stop", "up", "", f"user{i}") for i in range(10)]
-    config = _store_with(tmp_path, rows)
-    config = TunerConfig(**{**config.__dict__, "max_user_share": 0.5})
-    data = build_dataset(config, "")
+    rows = _rows([(f"m{i}", f"Q{i}?", f"a{i}", "stop", "up", "", "mallory") for i in range(30)]
+                 + [(f"o{i}", f"P{i}?", f"b{i}", "stop", "up", "", f"user{i}") for i in range(10)])
+    data = build_dataset(_config(tmp_path, max_user_share=0.5), rows, [])
     assert sum(e.user_id == "mallory" for e in data.train) == 10
     assert data.dropped["user_cap"] == 20
 
@@ -80,14 +74,13 @@ def test_instruction_checks():
     assert not passes("same\nsame\nsame\n", {"type": "answered"})
 
 
-def test_earlier_held_out_feedback_becomes_history(tmp_path):
-    first = [(f"a{i}", f"Old question {i}?", f"old {i}", "stop", "up", "", f"u{i % 9}") for i in range(100)]
-    config = _store_with(tmp_path, first)
-    config = TunerConfig(**{**config.__dict__, "held_out_share": 0.3})
-    since = build_dataset(config, "").data_until
-    second = [(f"b{i}", f"New question {i}?", f"new {i}", "stop", "down", "", f"u{i % 9}") for i in range(100)]
-    _store_with(tmp_path, second)
-    data = build_dataset(config, since)
-    assert data.history and all(e.exchange_id.startswith("a") for e in data.history)
-    assert data.held_out and all(e.exchange_id.startswith("b") for e in data.held_out)
-    assert all(e.exchange_id.startswith("b") for e in data.train)  # older ratings are not trained on again
+def test_earlier_held_out_feedback_becomes_history_and_older_training_data_stays_out(tmp_path):
+    old = _rows([("a1", "Old question?", "old", "stop", "up", "", "u1")], held_out=True) + \
+        _rows([("a2", "Old question 2?", "old 2", "stop", "up", "", "u2")])
+    new = _rows([("b1", "New question?", "new", "stop", "down", "", "u3")], held_out=True) + \
+        _rows([("b2", "New question 2?", "new 2", "stop", "up", "", "u4")])
+    data = build_dataset(_config(tmp_path), new, old)
+    assert [e.exchange_id for e in data.history] == ["a1"] and [e.exchange_id for e in data.held_out] == ["b1"]
+    assert [e.exchange_id for e in data.train] == ["b2"]  # older ratings are not trained on again...
+    data = build_dataset(_config(tmp_path, include_older=True), new, old)
+    assert sorted(e.exchange_id for e in data.train) == ["a2", "b2"]  # ...unless asked

@@ -42,14 +42,14 @@ def test_noise_alone_is_not_significant():
 
 
 def test_training_steps_follow_the_data_within_the_cap(tmp_path):
-    config = TunerConfig(data_dir=tmp_path, adapter_dir=tmp_path, model=tmp_path, steps=60, epochs=3, batch_size=4)
+    config = TunerConfig(work_dir=tmp_path, model=tmp_path, steps=60, epochs=3, batch_size=4)
     assert planned_steps(config, 8) == 6      # three passes over a handful: no memorising
     assert planned_steps(config, 400) == 60   # plenty of data: the cap
     assert planned_steps(config, 0) == 1
 
 
 def test_what_contradicts_earlier_feedback(tmp_path):
-    config = TunerConfig(data_dir=tmp_path, adapter_dir=tmp_path, model=tmp_path, history_tolerance=0.05, history_z=2)
+    config = TunerConfig(work_dir=tmp_path, model=tmp_path, history_tolerance=0.05, history_z=2)
     assert contradicts(-0.15, 0.07, config)       # a large fall, even if noisy (a poisoned run seen in CI)
     assert contradicts(-0.02, 0.005, config)      # a small fall, but clearly not noise
     assert not contradicts(-0.02, 0.02, config)   # small and noisy

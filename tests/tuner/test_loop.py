@@ -32,6 +32,12 @@ def loop_client(loop_server):
 
 
 @pytest.fixture(scope="module")
+def tuner_env(loop_server, loop_client):
+    """The tuner runs with a tuner key of its own and a directory of its own: the API is its only link."""
+    return loop_server.env(loop_client.create_key("instructd-tuner", "tuner")[1])
+
+
+@pytest.fixture(scope="module")
 def users_key(loop_client):
     """The simulated users' application key."""
     return loop_client.create_key("simulated-users", "app")[1]
@@ -42,18 +48,18 @@ def base_rate(loop_server, users_key):
     return asyncio.run(follow_rate(loop_server.target, "base", api_key=users_key))
 
 
-def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, users_key, base_rate):
+def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, users_key, tuner_env, base_rate):
     asyncio.run(simulate(loop_server.target, count=100, correction_share=0.5, poisoned=False, seed=0,
                          api_key=users_key))
-    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=loop_server.env())
+    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=tuner_env)
 
     run = loop_client.tuning_status().runs[0]
-    assert (run.status, run.trigger) == ("promoted", "requested"), run.detail
+    assert (run.status, run.trigger) == ("promoted", "requested"), run.reason
     adapters, promoted = loop_client.adapters()
     candidate = adapters[0]
     assert promoted == candidate.version == run.candidate_version
     assert candidate.parent_version == 0 and candidate.base_model == "SmolLM2-135M-Instruct"
-    assert candidate.metadata["evaluation"]["passed"] is True
+    assert candidate.evaluation.passed and candidate.evaluation.candidate_suite >= 0
     assert candidate.metadata["hyperparameters"]["objective"] == "sft"
     assert len(candidate.metadata["exchange_ids"]) >= 20
 
@@ -70,7 +76,7 @@ def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, 
     assert metrics['instructd_tuning_last_gate_score{gate="suite",model="candidate"}'] >= 0
 
 
-def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_client, users_key):
+def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_client, users_key, tuner_env):
     # New feedback from an attacker, inverted and "corrected" against the instruction; the next test runs
     # the cycle this one is killed in.
     asyncio.run(simulate(loop_server.target, count=80, correction_share=0.5, poisoned=True, seed=1,
@@ -78,7 +84,7 @@ def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_c
     before = loop_client.adapters()
     loop_client.trigger_tuning()
     proc = subprocess.Popen(loop_server.tuner_command("--steps", "1000", "--epochs", "1000"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=loop_server.env())
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=tuner_env)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -95,26 +101,26 @@ def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_c
     assert loop_client.adapters() == before  # nothing registered, nothing promoted
 
 
-def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client):
-    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=loop_server.env())
+def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client, tuner_env):
+    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=tuner_env)
 
     runs = loop_client.tuning_status().runs
     latest, killed = runs[0], runs[1]
-    assert killed.status == "failed" and "interrupted" in killed.detail["error"]
-    assert latest.status in ("promoted", "rejected"), latest.detail  # it trained and was judged
+    assert killed.status == "failed" and "interrupted" in killed.reason
+    assert latest.status in ("promoted", "rejected"), latest.reason  # it trained and was judged
     adapters, promoted = loop_client.adapters()
     assert adapters[0].version == latest.candidate_version
     assert adapters[0].status == ("promoted" if latest.status == "promoted" else "rejected")
     assert promoted == (latest.candidate_version if latest.status == "promoted" else adapters[1].version)
-    assert "evaluation" in adapters[0].metadata
-    assert not list(loop_server.adapter_dir.glob(".run-*.partial"))
+    assert adapters[0].evaluation is not None
+    assert not list(loop_server.tuner_dir.glob("candidates/.run-*.partial"))
     same = sum(r.status == latest.status for r in runs)
     assert loop_server.metrics()[f'instructd_tuning_runs_total{{outcome="{latest.status}"}}'] == same
 
 
 def test_the_gate_rejects_poisoned_feedback(loop_server, loop_client):
     status = loop_client.tuning_status().runs[0]  # the run on the poisoned ratings above
-    assert status.status == "rejected", status.detail
+    assert status.status == "rejected", status.reason
 
 
 def test_restart_keeps_the_promoted_version_and_rollback_restores_the_base(loop_server, loop_client, users_key,

@@ -68,7 +68,23 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db["audit"].create({"id": int, "at": str, "key_id": str, "app_id": str, "action": str, "target": str}, pk="id")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """The export cursor (a sequence number bumped by every rating written), typed statuses and verdicts, the
+    checksum of each adapter's weights: what a tuner elsewhere needs through the API."""
+    db["feedback"].add_column("seq", int)
+    db.execute("""UPDATE feedback SET seq = (SELECT COUNT(*) FROM feedback f
+                  WHERE (f.updated_at, f.id) <= (feedback.updated_at, feedback.id))""")
+    db["feedback"].create_index(["seq"], unique=True)
+    db["adapters"].add_column("sha256", str)
+    db["adapters"].add_column("verdict_json", str)
+    for column, kind in [("data_json", str), ("verdict_json", str), ("reason", str), ("cursor", int)]:
+        db["tuning_runs"].add_column(column, kind)
+    db.execute("""UPDATE tuning_runs SET cursor = (SELECT COALESCE(MAX(seq), 0) FROM feedback
+                  WHERE updated_at <= tuning_runs.data_until), reason = COALESCE(
+                  json_extract(metadata_json, '$.reason'), json_extract(metadata_json, '$.error'), '')""")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 
 
 def open_db(path: Path) -> sqlite_utils.Database:

@@ -1,0 +1,64 @@
+"""`instructd export` against the real server: feedback as JSON lines in TRL's and OpenAI's formats, held-out rows
+marked; the files load with `datasets` and TRL's trainers accept them (one step each, on the embedded model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from instructd.client.cli import main as cli
+from instructd.server.config import ENV_API_KEY
+
+
+@pytest.fixture(scope="module")
+def exported(server, admin, tmp_path_factory):
+    _, key = admin.create_key("export-app", "app")
+    with server.client(key) as app:
+        for i, (rating, correction) in enumerate([("up", ""), ("down", "Hello there, friend!"), ("down", ""),
+                                                  ("up", "Hi! Nice to meet you.")] * 2):
+            answer = app.generate(f"Greet person number {i}.", max_tokens=16, temperature=0, stop=["\n"])
+            app.feedback(answer.response_id, rating, correction=correction, user_id=f"rater{i}")
+    folder = tmp_path_factory.mktemp("export")
+    files = {}
+    for fmt in ("sft", "kto", "dpo", "openai"):
+        result = CliRunner().invoke(cli, ["export", "--app", "export-app", "--format", fmt, "--target", server.target],
+                                    env={ENV_API_KEY: server.api_key})
+        assert result.exit_code == 0, result.output
+        files[fmt] = folder / f"{fmt}.jsonl"
+        files[fmt].write_text(result.output)
+    return files
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_each_format_holds_what_it_should(exported):
+    sft, kto, dpo, openai = (_rows(exported[f]) for f in ("sft", "kto", "dpo", "openai"))
+    assert len(dpo) == 2 and all(r["chosen"][0]["content"] == "Hello there, friend!" for r in dpo)
+    assert all(r["messages"][-1]["role"] == "assistant" and "held_out" in r for r in sft)
+    # KTO: every 👍 example of SFT, and the 👎 answers that were not cut off at max_tokens (4 minus those).
+    assert sum(r["label"] for r in kto) == len(sft) and 1 <= sum(not r["label"] for r in kto) <= 4
+    assert all(set(r) == {"messages"} for r in openai)  # OpenAI's files carry nothing else
+    assert len(openai) == sum(not r["held_out"] for r in sft)
+    assert {r["exchange_id"] for r in sft} <= {r["exchange_id"] for r in kto}
+
+
+def test_datasets_load_them_and_trl_trains_on_them(exported, model_dir, tmp_path):
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    one_step = {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": [], "use_cpu": True,
+                "save_strategy": "no", "output_dir": str(tmp_path)}
+    for fmt, config, trainer in (("sft", SFTConfig, SFTTrainer), ("kto", KTOConfig, KTOTrainer),
+                                 ("dpo", DPOConfig, DPOTrainer)):
+        dataset = load_dataset("json", data_files=str(exported[fmt]), split="train")
+        dataset = dataset.filter(lambda row: not row["held_out"])  # what a trainer should learn from
+        result = trainer(model=str(model_dir), args=config(**one_step), train_dataset=dataset,
+                         processing_class=tokenizer).train()
+        assert result.global_step == 1, fmt
+    assert load_dataset("json", data_files=str(exported["openai"]), split="train").column_names == ["messages"]
