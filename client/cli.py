@@ -261,6 +261,7 @@ def keys() -> None:
       instructd keys create --app billing-bot --role app --name "billing bot, production"
       instructd keys list
       instructd keys revoke 3f2a9c0d1e4b
+      instructd keys import ik_3f2a9c0d1e4b_... --app billing-bot --target replica-b:50051
     """
 
 
@@ -279,6 +280,24 @@ def create_key(app_id, role, name, connect) -> None:
     with connect() as client:
         key, secret = client.create_key(app_id, role, name)
     click.echo(f"key {key.id} ({key.role} of {key.app_id}) created; its secret, shown only now:\n{secret}")
+
+
+@keys.command("import")
+@click.argument("secret")
+@click.option("--app", "app_id", required=True, help="The application the key belongs to (as where it was made).")
+@click.option("--role", type=click.Choice(["app", "tuner", "admin"]), default="app", show_default=True)
+@click.option("--name", default="", help="A name for people to recognise it by.")
+@connection
+def import_key(secret, app_id, role, name, connect) -> None:
+    """Register a key made on another replica (its whole secret), so that it works here too.
+
+    \b
+    Example:
+      instructd keys import ik_3f2a9c0d1e4b_... --app billing-bot --role app --target replica-b:50051
+    """
+    with connect() as client:
+        key, _ = client.create_key(app_id, role, name, secret)
+    click.echo(f"key {key.id} ({key.role} of {key.app_id}) registered")
 
 
 @keys.command("list")

@@ -50,13 +50,22 @@ def _default(name: str):
               help="Largest request message.")
 @click.option("--retention-days", default=_default("retention_days"), show_default=True,
               help="Delete exchanges older than this that no adapter was trained on; 0 keeps them all.")
+@click.option("--replica-id", default="", help="This replica's name in its response ids (default: made up once, kept).")
+@click.option("--peer", "peers", multiple=True, metavar="ID=HOST:PORT",
+              help="Another replica, where ratings of its answers are forwarded (repeatable).")
+@click.option("--peer-tls-ca", type=_FILE, help="CA of the peers' TLS certificates (default: peers in clear).")
+@click.option("--held-out-share", default=_default("held_out_share"), show_default=True,
+              help="Share of rated exchanges held out from training for the tuner's gate (by a hash of their id).")
+@click.option("--tensor-parallel-size", default=1, show_default=True, help="vLLM: GPUs per model (tensor parallel).")
+@click.option("--pipeline-parallel-size", default=1, show_default=True, help="vLLM: pipeline stages.")
+@click.option("--data-parallel-size", default=1, show_default=True, help="vLLM: engine copies in this server.")
 @click.option("--tuner/--no-tuner", default=True, show_default=True,
               help="Also run the background tuner (in its own process) with default settings.")
 @click.option("--insecure-no-auth", "no_auth", is_flag=True, hidden=True,
               help="Benchmarks only: accept every call without a key, as an admin.")
 @click.option("--no-durable-answers", "fire_and_forget", is_flag=True, hidden=True,
               help="Benchmarks only: answer before the exchange is committed.")
-def serve(adapter_dir, data_dir, no_auth, fire_and_forget, **options) -> None:
+def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> None:
     """Run the service (gRPC, health, reflection, /metrics) until Ctrl-C or SIGTERM.
 
     On first start it makes an admin API key, DATA_DIR/admin.key (mode 0600), which the CLI on this machine
@@ -66,6 +75,7 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, **options) -> None:
     Example:
       instructd serve --port 50051 --no-tuner
       instructd serve --host 0.0.0.0 --tls-cert server.pem --tls-key server-key.pem
+      instructd serve --replica-id a --peer b=10.0.0.2:50051 --no-tuner     # one of two replicas
     """
     import asyncio
     import logging
@@ -74,8 +84,14 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, **options) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data_dir = data_dir.resolve() if data_dir else None
-    config = ServerConfig(data_dir=data_dir, adapter_dir=adapter_dir or (data_dir / "incoming" if data_dir else None),
-                          auth=not no_auth, durable_answers=not fire_and_forget, **options)
+    if any("=" not in p for p in peers):
+        raise click.BadParameter("--peer takes ID=HOST:PORT")
+    try:
+        config = ServerConfig(data_dir=data_dir, adapter_dir=adapter_dir or (data_dir / "incoming" if data_dir else None),
+                              auth=not no_auth, durable_answers=not fire_and_forget,
+                              peers=tuple(tuple(p.split("=", 1)) for p in peers), **options)
+    except ValueError as error:  # the config's own checks, said as a usage error
+        raise click.UsageError(str(error)) from None
     asyncio.run(run(config))
 
 
@@ -101,9 +117,11 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, **options) -> None:
 @click.option("--include-older", is_flag=True, help="Also learn from ratings older than the last run.")
 @click.option("--blocklist", multiple=True, help="Never train on exchanges containing this phrase (repeatable).")
 @click.option("--classifier", default="", help="'module:function' returning True for an example to leave out.")
+@click.option("--poll-seconds", default=TunerConfig.poll_seconds, show_default=True,
+              help="How often to look for requests, new ratings and replicas to bring in step.")
 @click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
 def tuner(target, work_dir, model, objective, steps, epochs, learning_rate, rank, min_new_ratings, period,
-          include_older, blocklist, classifier, once) -> None:
+          include_older, blocklist, classifier, poll_seconds, once) -> None:
     """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners. It needs a
     tuner key ($INSTRUCTD_API_KEY; `instructd serve` gives the tuner it starts one) and runs anywhere.
 
@@ -123,5 +141,5 @@ def tuner(target, work_dir, model, objective, steps, epochs, learning_rate, rank
                          targets=tuple(t.strip() for t in target.split(",") if t.strip()), objective=objective,
                          steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
                          min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
-                         blocklist=tuple(blocklist))
+                         blocklist=tuple(blocklist), poll_seconds=poll_seconds)
     run_tuner(config, once=once, classifier=classifier)

@@ -98,9 +98,10 @@ class Client(_Stubs):
     def tuning_status(self, limit: int = 5) -> TuningStatus:
         return TuningStatus.from_pb(self._call(self._admin.GetTuningStatus, pb.GetTuningStatusRequest(limit=limit)))
 
-    def create_key(self, app_id: str, role: str, name: str = "") -> tuple[ApiKey, str]:
-        """A new key for `app_id` with `role` ("app", "tuner" or "admin"): its record and its secret (shown once)."""
-        reply = self._call(self._access.CreateKey, requests.create_key(app_id, role, name))
+    def create_key(self, app_id: str, role: str, name: str = "", secret: str = "") -> tuple[ApiKey, str]:
+        """A new key for `app_id` with `role` ("app", "tuner" or "admin"): its record and its secret (shown once).
+        With `secret` (a key made on another replica): that key, registered here too."""
+        reply = self._call(self._access.CreateKey, requests.create_key(app_id, role, name, secret))
         return ApiKey.from_pb(reply.key), reply.secret
 
     def keys(self) -> list[ApiKey]:

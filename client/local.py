@@ -28,13 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tuner_command(targets: list[str], work_dir: Path, *args: str) -> list[str]:
+    """`instructd tuner` for these servers, with a directory of its own (run it with a tuner key in its env)."""
+    return [*CLI, "tuner", "--target", ",".join(targets), "--work-dir", str(work_dir), *args]
+
+
 class LocalServer:
     """`instructd serve --no-tuner` on free ports with its own data directory; output goes to `log_path`."""
 
     def __init__(self, data_dir: Path, log_path: Path, *serve_args: str, start_timeout: float = 600,
-                 tls: Tls | None = None) -> None:
-        """`tls`: how a client reaches it when serve_args make it serve TLS."""
+                 tls: Tls | None = None, tuner: bool = False, env: dict[str, str] | None = None) -> None:
+        """`tls`: how a client reaches it when serve_args make it serve TLS; `tuner`: serve starts its own tuner."""
         self.data_dir, self.log_path, self.serve_args, self.tls = Path(data_dir), Path(log_path), serve_args, tls
+        self.with_tuner, self.process_env = tuner, env
         self.adapter_dir = self.data_dir / "incoming"
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -43,10 +49,10 @@ class LocalServer:
 
     def start(self) -> None:
         cmd = [*CLI, "serve", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-               "--data-dir", str(self.data_dir), "--no-tuner", *self.serve_args]
+               "--data-dir", str(self.data_dir), "--tuner" if self.with_tuner else "--no-tuner", *self.serve_args]
         # A session of its own: a hard kill of the server (tests do kill -9) takes vLLM's engine process too.
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=self.process_env)
         self._wait_serving()
 
     @property
@@ -67,7 +73,7 @@ class LocalServer:
 
     def tuner_command(self, *args: str) -> list[str]:
         """`instructd tuner` for this server, as if on another machine (run it with `env(tuner key)`)."""
-        return [*CLI, "tuner", "--target", self.target, "--work-dir", str(self.tuner_dir), *args]
+        return tuner_command([self.target], self.tuner_dir, *args)
 
     def env(self, api_key: str | None = None) -> dict[str, str]:
         """The environment for a command (tuner, CLI) that talks to this server with a key."""

@@ -53,10 +53,10 @@ def rollback(version: int | None = None, expected_current: int | None = None) ->
     return pb.RollbackRequest(version=version, expected_current=expected_current)
 
 
-def create_key(app_id: str, role: str, name: str = "") -> pb.CreateKeyRequest:
-    """`role` is "app", "tuner" or "admin"."""
+def create_key(app_id: str, role: str, name: str = "", secret: str = "") -> pb.CreateKeyRequest:
+    """`role` is "app", "tuner" or "admin"; `secret`: register that existing key instead of making one."""
     roles = {"app": pb.ROLE_APP, "tuner": pb.ROLE_TUNER, "admin": pb.ROLE_ADMIN}
     if role not in roles:
         raise ValueError(f"role must be 'app', 'tuner' or 'admin', got {role!r}")
-    return pb.CreateKeyRequest(app_id=app_id, role=roles[role], name=name)
+    return pb.CreateKeyRequest(app_id=app_id, role=roles[role], name=name, secret=secret)
 

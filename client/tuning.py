@@ -29,6 +29,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def upload_messages(folder: Path, parent_version: int = 0, metadata: dict | None = None,
+                    rejected: bool = False) -> Iterator[pb.AdapterUpload]:
+    """An upload: the header (each file's size and SHA-256), then the files' bytes in chunks."""
+    files = [folder / name for name in ADAPTER_FILES if (folder / name).is_file()]
+    yield pb.AdapterUpload(header=pb.UploadHeader(
+        files=[pb.UploadFile(name=f.name, size=f.stat().st_size, sha256=_sha256(f)) for f in files],
+        parent_version=parent_version, metadata_json=json.dumps(metadata or {}), rejected=rejected))
+    for path in files:
+        with open(path, "rb") as f:
+            while data := f.read(CHUNK):
+                yield pb.AdapterUpload(chunk=pb.FileChunk(name=path.name, data=data))
+
+
 class TuningClient(Client):
     """A Client with the Tuning service's calls (a tuner or admin key)."""
 
@@ -51,18 +64,10 @@ class TuningClient(Client):
     def upload_adapter(self, folder: Path, parent_version: int = 0, metadata: dict | None = None,
                        rejected: bool = False) -> Adapter:
         """Sends an adapter folder's files in chunks; the server registers them as a new version."""
-        files = [folder / name for name in ADAPTER_FILES if (folder / name).is_file()]
+        return self.upload(upload_messages(folder, parent_version, metadata, rejected))
 
-        def messages():
-            yield pb.AdapterUpload(header=pb.UploadHeader(
-                files=[pb.UploadFile(name=f.name, size=f.stat().st_size, sha256=_sha256(f)) for f in files],
-                parent_version=parent_version, metadata_json=json.dumps(metadata or {}), rejected=rejected))
-            for path in files:
-                with open(path, "rb") as f:
-                    while data := f.read(CHUNK):
-                        yield pb.AdapterUpload(chunk=pb.FileChunk(name=path.name, data=data))
-
-        return Adapter.from_pb(self._call(self._tuning.UploadAdapter, messages()))
+    def upload(self, messages: Iterator[pb.AdapterUpload]) -> Adapter:
+        return Adapter.from_pb(self._call(self._tuning.UploadAdapter, messages))
 
     def download_adapter(self, version: int, folder: Path) -> Path:
         """Writes a registered version's files into `folder` (made fresh); checks each file's checksum."""

@@ -27,10 +27,12 @@ class Access:
                 lambda f: f.exception() and log.warning("could not record a key's use: %s", f.exception()))
         return cls(store, Keyring(await store.list_keys(), touch))
 
-    async def create_key(self, app_id: str, role: int, name: str, actor: Principal | None) -> tuple[KeyRecord, str]:
+    async def create_key(self, app_id: str, role: int, name: str, actor: Principal | None,
+                         secret: str = "") -> tuple[KeyRecord, str]:
+        """A new key, or (secret given) one made on another replica, registered here too."""
         if role not in (r.value for r in Role):
             raise InvalidRequest("role must be ROLE_APP, ROLE_TUNER or ROLE_ADMIN")
-        record, secret = new_key(app_id, Role(role), name, utc_now())
+        record, secret = new_key(app_id, Role(role), name, utc_now(), secret)
         await self.store.add_key(record, actor)
         self.keyring.add(record)
         return record, secret

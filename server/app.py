@@ -29,6 +29,7 @@ from .interceptor import CallGate
 from .limits import RateLimiter
 from .metrics import Metrics, TuningCollector, serve_metrics
 from .model import default_model
+from .peers import Peers
 from .router import AdapterRouter
 from .service import AccessServicer, AdminServicer, FeedbackServicer, InferenceServicer
 from .store import Store
@@ -57,15 +58,17 @@ async def serve(config: ServerConfig) -> None:
     try:
         router = AdapterRouter(config, engine, store, metrics)
         await router.restore()
-        server, health_servicer = _grpc_server(config, access, Inference(engine, router, store, metrics, config),
-                                               router, store, metrics)
+        peers = Peers(config, await store.replica_id(config.replica_id))
+        server, health_servicer = _grpc_server(config, access, Inference(engine, router, store, metrics, config, peers),
+                                               router, store, metrics, peers)
         port = _listen(server, config)
         metrics_port = serve_metrics(metrics, config.metrics_host, config.metrics_port)
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         metrics.health_serving.set(1)
-        log.info("instructd serving %s on %s:%d%s (metrics on %s:%d/metrics, data in %s)", model.name, config.host,
-                 port, " with TLS" if config.tls else "", config.metrics_host, metrics_port, config.data_dir)
+        log.info("instructd serving %s on %s:%d%s as replica %s (metrics on %s:%d/metrics, data in %s)", model.name,
+                 config.host, port, " with TLS" if config.tls else "", peers.replica_id, config.metrics_host,
+                 metrics_port, config.data_dir)
         if config.retention_days:
             background.append(asyncio.create_task(_expire(store, config.retention_days)))
         tuner = await _start_tuner(config, access, model, port) if config.tuner and not config.tls else None
@@ -84,6 +87,7 @@ async def serve(config: ServerConfig) -> None:
         metrics.health_serving.set(0)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(1.0 if died else config.drain_seconds)  # a dead engine answers nothing: no drain
+        await peers.close()
     finally:
         for task in background:
             task.cancel()
@@ -95,7 +99,7 @@ async def serve(config: ServerConfig) -> None:
 
 
 def _grpc_server(config: ServerConfig, access: Access, inference: Inference, router: AdapterRouter, store: Store,
-                 metrics: Metrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+                 metrics: Metrics, peers: Peers) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     rate_limits = {"/instructd.v1.Inference/Generate": RateLimiter(config.generate_per_second, "generation requests"),
                    "/instructd.v1.Feedback/Submit": RateLimiter(config.feedback_per_second, "ratings")}
     rate_limits["/instructd.v1.Inference/GenerateStream"] = rate_limits["/instructd.v1.Inference/Generate"]
@@ -104,7 +108,7 @@ def _grpc_server(config: ServerConfig, access: Access, inference: Inference, rou
         ("grpc.max_receive_message_length", config.max_request_bytes)])
     limits = Limits.from_config(config)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(inference, limits), server)
-    pb_grpc.add_FeedbackServicer_to_server(FeedbackServicer(store, metrics, limits), server)
+    pb_grpc.add_FeedbackServicer_to_server(FeedbackServicer(store, metrics, limits, peers), server)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(router, store), server)
     pb_grpc.add_AccessServicer_to_server(AccessServicer(access, store), server)
     pb_grpc.add_TuningServicer_to_server(TuningServicer(config, router, store), server)

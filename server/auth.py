@@ -72,13 +72,19 @@ class KeyRecord:
                          created_at=self.created_at, last_used_at=self.last_used_at, revoked_at=self.revoked_at)
 
 
-def new_key(app_id: str, role: Role, name: str, now: str) -> tuple[KeyRecord, str]:
-    """A fresh key: its record and the secret to show once."""
+def new_key(app_id: str, role: Role, name: str, now: str, existing: str = "") -> tuple[KeyRecord, str]:
+    """A fresh key (or, `existing` given, that key, made on another replica): its record and the whole key."""
     if not APP_ID.fullmatch(app_id):
         raise InvalidRequest(f"app_id must be 1-64 letters, digits, '.', '_' or '-', got {preview(app_id)}")
     if len(name) > 128:
         raise InvalidRequest("a key's name is at most 128 characters")
-    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    if existing:
+        match = _KEY.fullmatch(existing)
+        if match is None:
+            raise InvalidRequest("secret must be a whole key, 'ik_<id>_<secret>'")
+        key_id, secret = match.groups()
+    else:
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     return KeyRecord(key_id, app_id, role, name, _digest(secret), now), f"{KEY_PREFIX}{key_id}_{secret}"
 
 

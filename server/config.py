@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def default_cache() -> Path:
     return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache/instructd")
 
 
+REPLICA_ID = re.compile(r"[a-z0-9-]{1,16}")
 ADMIN_KEY_FILE = "admin.key"  # in the data directory: the admin key `serve` makes on first start (mode 0600)
 TUNER_KEY_FILE = "tuner.key"  # in the data directory: the key of the tuner that `serve` starts
 
@@ -60,6 +62,19 @@ class ServerConfig:
     """PEM private key of tls_cert."""
     tls_client_ca: Path | None = None
     """PEM CA certificate(s): when set, clients must present a certificate it signed (mutual TLS)."""
+    replica_id: str = ""
+    """This replica's name inside every response id it makes ("<replica id>.<hex>"); empty: one made up at first
+    start and kept in the database. Ratings for another replica's answers are forwarded to it (see peers)."""
+    peers: tuple[tuple[str, str], ...] = ()
+    """The other replicas, as (replica id, host:port): where a rating for their answers is forwarded."""
+    peer_tls_ca: Path | None = None
+    """PEM CA certificate of the peers' TLS; None: peers are reached without TLS."""
+    tensor_parallel_size: int = 1
+    """vLLM's own parallelism, passed through: GPUs per model replica (tensor parallel)..."""
+    pipeline_parallel_size: int = 1
+    """...pipeline stages..."""
+    data_parallel_size: int = 1
+    """...and engine copies inside this one server (data parallel)."""
     auth: bool = True
     """Require an API key on every call but health. Off only for benchmarks that measure its cost."""
     max_model_len: int = 2048
@@ -114,7 +129,7 @@ class ServerConfig:
         defaults = {"data_dir": home, "adapter_dir": home / "incoming", "cache_dir": default_cache()}
         for name, value in defaults.items():
             object.__setattr__(self, name, Path(getattr(self, name) or value).expanduser().resolve())
-        for name in ("model", "tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("model", "tls_cert", "tls_key", "tls_client_ca", "peer_tls_ca"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -137,6 +152,13 @@ class ServerConfig:
         for name in limits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.replica_id and not REPLICA_ID.fullmatch(self.replica_id):
+            raise ValueError(f"replica_id must be 1-16 lowercase letters, digits or '-', got {self.replica_id!r}")
+        for peer, target in self.peers:
+            if not REPLICA_ID.fullmatch(peer) or not target or peer == self.replica_id:
+                raise ValueError(f"a peer is ID=HOST:PORT with another replica's id, got {peer}={target}")
+        if min(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size) < 1:
+            raise ValueError("parallel sizes must be at least 1")
         if not 0 <= self.held_out_share < 1:
             raise ValueError(f"held_out_share must be in [0, 1), got {self.held_out_share}")
         for name in ("generate_per_second", "feedback_per_second", "retention_days"):

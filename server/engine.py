@@ -92,6 +92,9 @@ class VllmEngine:
             # Whole prefills only: when a seeded request's prefill is chunked, vLLM rewinds its generator, which
             # the CPU generator cannot do ("CPU Generator does not use offset") and the engine dies.
             enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, 4096),
+            # vLLM's own parallelism, passed through rather than reinvented.
+            tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
+            data_parallel_size=config.data_parallel_size,
         )
         if not current_platform.is_cpu():
             args.gpu_memory_utilization = config.gpu_memory_utilization

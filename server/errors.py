@@ -63,6 +63,14 @@ class ResourceExhausted(InstructdError):
         self.retry_after = retry_after
 
 
+class Relayed(InstructdError):
+    """Another replica's answer to a call forwarded to it, passed on with its own status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
 def preview(text: str, limit: int = 24) -> str:
     """A short, quoted prefix of caller input for an error message: never the whole of it."""
     return repr(text[:limit] + "…" if len(text) > limit else text)

@@ -17,6 +17,7 @@ from .engine import Engine
 from .errors import InvalidRequest, Unavailable
 from .limits import Admission
 from .metrics import Metrics
+from .peers import Peers
 from .router import AdapterRouter
 from .store import Store
 
@@ -30,14 +31,15 @@ CHARS_PER_TOKEN_BOUND = 32
 class Inference:
     """The generation use case, independent of gRPC."""
 
-    def __init__(self, engine: Engine, router: AdapterRouter, store: Store, metrics: Metrics,
-                 config: ServerConfig) -> None:
+    def __init__(self, engine: Engine, router: AdapterRouter, store: Store, metrics: Metrics, config: ServerConfig,
+                 peers: Peers) -> None:
         self._engine, self._router, self._store, self._metrics = engine, router, store, metrics
         self._default_max_tokens, self._durable = config.default_max_tokens, config.durable_answers
-        self._admission = Admission(config.max_in_flight)
+        self._admission, self._peers = Admission(config.max_in_flight), peers
 
     def new_response_id(self) -> str:
-        return uuid.uuid4().hex
+        """Unique across replicas: this replica's id, then 128 random bits."""
+        return self._peers.new_response_id(uuid.uuid4().hex)
 
     async def run(self, request: GenerationRequest, response_id: str, emit: Emit | None = None) -> Completion:
         """Generates the answer, passing each text delta to `emit`, and returns it once its exchange is

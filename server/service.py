@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from instructd.v1 import instructd_pb2 as pb
 from instructd.v1 import instructd_pb2_grpc as pb_grpc
-from instructd.v1.metadata import RESPONSE_ID
+from instructd.v1.metadata import AUTHORIZATION, RESPONSE_ID
 
 from .access import Access
 from .auth import Role
@@ -14,6 +14,7 @@ from .errors import InvalidRequest
 from .inference import Inference
 from .interceptor import CALLER
 from .metrics import Metrics
+from .peers import Peers
 from .router import AdapterRouter
 from .store import Store
 
@@ -46,12 +47,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class FeedbackServicer(pb_grpc.FeedbackServicer):
-    def __init__(self, store: Store, metrics: Metrics, limits: Limits) -> None:
-        self.store, self.metrics, self.limits = store, metrics, limits
+    def __init__(self, store: Store, metrics: Metrics, limits: Limits, peers: Peers) -> None:
+        self.store, self.metrics, self.limits, self.peers = store, metrics, limits, peers
 
     async def Submit(self, request, context):
         caller = CALLER.get()
         feedback = FeedbackInput.from_pb(request, self.limits, caller.app_id, caller.key_id)
+        owner = self.peers.owner(feedback.response_id)
+        if owner:  # another replica's answer: it decides, with the caller's own key
+            return await self.peers.forward_feedback(owner, request,
+                                                     dict(context.invocation_metadata() or ()).get(AUTHORIZATION))
         feedback_id, replaced, version = await self.store.record_feedback(feedback)
         self.metrics.count_feedback(feedback.rating, version)
         return pb.FeedbackResponse(feedback_id=feedback_id, replaced=replaced)
@@ -113,7 +118,8 @@ class AccessServicer(pb_grpc.AccessServicer):
         self.access, self.store = access, store
 
     async def CreateKey(self, request, context):
-        record, secret = await self.access.create_key(request.app_id, request.role, request.name, CALLER.get())
+        record, secret = await self.access.create_key(request.app_id, request.role, request.name, CALLER.get(),
+                                                      request.secret)
         return pb.CreatedKey(key=record.to_pb(), secret=secret)
 
     async def ListKeys(self, request, context):

@@ -26,11 +26,11 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
         if not usable or not data.held_out:
             reason = (f"not enough new feedback: {len(usable)} usable training examples and {len(data.held_out)} "
                       f"held out (both are needed); dropped: {dict(data.dropped) or 'none'}")
-            run.finish("skipped", reason=reason)
+            run.finish("skipped", reason)
             log.info("run %d skipped: %s", run.id, reason)
             return "skipped"
 
-        expected = replicas.current()  # what serves where as the run begins: each promotion is a compare-and-swap
+        expected = replicas.current(run.ids)  # what serves where as the run begins: each promotion is a CAS
         current, serving = replicas.serving()
         parent = replicas.local_copy(current, serving.sha256) if serving else None
         candidates_dir = config.work_dir / "candidates"
@@ -42,21 +42,19 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
 
         candidates = replicas.upload(out, serving.sha256 if serving else "", {
             **lineage, "hyperparameters": config.hyperparameters(), "exchange_ids": data.exchange_ids,
-            "train": asdict(result)})
+            "train": asdict(result)}, expected)
         run.update(candidate_version=candidates[config.primary].version, examples=result.examples,
                    loss=result.final_loss)
         verdict = judge(config, (candidates[config.primary].version, out), (current, parent), data.held_out,
                         data.history)
         replicas.judged(candidates, verdict)
-        outcome, reason = ("promoted" if verdict.passed else "rejected"), verdict.reason
+        outcome = "promoted" if verdict.passed else "rejected"
         if verdict.passed:
-            failed = replicas.promote(candidates, expected)
-            if failed:  # reported here and retried by the scheduler until every replica is in step
-                reason += f"; not yet promoted on {len(failed)} of {len(candidates)} replicas: " + "; ".join(failed)
-        run.finish(outcome, gathered.cursors, verdict=verdict, reason=reason)
-        log.info("run %d: candidate v%d %s (%s)", run.id, candidates[config.primary].version, outcome, reason)
+            replicas.promote(candidates, expected)  # one that fails is named in the run, and caught up later
+        run.finish(outcome, verdict.reason, gathered.cursors, verdict=verdict)
+        log.info("run %d: candidate v%d %s (%s)", run.id, candidates[config.primary].version, outcome, verdict.reason)
         return outcome
     except Exception as exc:
         log.exception("tuning run %d failed", run.id)
-        run.finish("failed", reason=f"{type(exc).__name__}: {exc}"[:2000])
+        run.finish("failed", f"{type(exc).__name__}: {exc}"[:2000])
         return "failed"

@@ -1,6 +1,9 @@
 """The servers a tuner works for, reached through their API only: it reads every replica's ratings, uploads each
 candidate to every replica, promotes on each by compare-and-swap, records its runs on each, and brings back in
-step a replica that missed a promotion (the first target's serving adapter, by checksum, is what all should serve).
+step a replica that missed a promotion (what the first target serves, by checksum, is what all should serve).
+
+The first target is required; another that does not answer is reported (logged, and named in the run) and left
+out of what follows, and catch_up brings it in step once it answers again.
 """
 
 from __future__ import annotations
@@ -8,8 +11,10 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from instructd.client import ApiError
 from instructd.client.tuning import TuningClient
@@ -23,7 +28,7 @@ PROGRESS_EVERY = 2.0  # seconds between progress reports, at most
 
 @dataclass
 class Feedback:
-    """Ratings gathered from every replica."""
+    """Ratings gathered from every replica that answered."""
 
     new: list[pb.RatedExchange] = field(default_factory=list)
     old: list[pb.RatedExchange] = field(default_factory=list)
@@ -35,15 +40,31 @@ class Replicas:
         self.config = config
         self.clients = {target: TuningClient(target) for target in config.targets}
         self.primary = self.clients[config.primary]
+        self.away: dict[str, str] = {}  # target -> why it did not answer, for the run's report
 
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
 
+    def each(self, call: Callable[[str, TuningClient], Any], among: dict | None = None) -> dict[str, Any]:
+        """call(target, client) on every replica (or those in `among`): {target: result} of those that answered.
+        The first target's failure is raised; another's is noted in `away` and logged."""
+        results = {}
+        for target, client in self.clients.items():
+            if among is not None and target not in among:
+                continue
+            try:
+                results[target] = call(target, client)
+            except ApiError as error:
+                if target == self.config.primary:
+                    raise
+                self.away[target] = str(error)
+                log.warning("replica %s did not answer: %s", target, error)
+        return results
+
     def recover(self) -> None:
         """After a crash: runs left running are failed and their candidates rejected, on every replica."""
-        for target, client in self.clients.items():
-            failed, rejected = client.recover_runs()
+        for target, (failed, rejected) in self.each(lambda t, c: c.recover_runs()).items():
             if failed:
                 log.warning("%s: runs %s were interrupted; rejected their candidates %s", target, failed, rejected)
         for partial in self.config.work_dir.glob("candidates/.run-*.partial"):
@@ -51,23 +72,27 @@ class Replicas:
 
     def requested(self) -> bool:
         """Claims `tune --now` requests made on any replica."""
-        return any([client.claim_request() for client in self.clients.values()])
+        return any(self.each(lambda t, c: c.claim_request()).values())
 
     def new_ratings(self) -> int:
-        return sum(client.tuning_status(limit=1).new_ratings for client in self.clients.values())
+        return sum(self.each(lambda t, c: c.tuning_status(limit=1).new_ratings).values())
 
     def feedback(self) -> Feedback:
         """From each replica: ratings since its last judged run (new), and older held-out ones (the gate's history;
         with include_older, older trainable ones too)."""
-        gathered = Feedback()
-        for target, client in self.clients.items():
+        held = pb.HELD_OUT_ALL if self.config.include_older else pb.HELD_OUT_ONLY
+
+        def read(target: str, client: TuningClient) -> tuple[list, list, int]:
             since = client.tuning_status(limit=1).learnt_until
             new = list(client.export(after=since))
+            old = list(client.export(until=since, held_out=held)) if since else []
+            return new, old, max((r.cursor for r in new), default=since)
+
+        gathered = Feedback()
+        for target, (new, old, cursor) in self.each(read).items():
             gathered.new += new
-            gathered.cursors[target] = max((r.cursor for r in new), default=since)
-            if since:
-                held = pb.HELD_OUT_ALL if self.config.include_older else pb.HELD_OUT_ONLY
-                gathered.old += client.export(until=since, held_out=held)
+            gathered.old += old
+            gathered.cursors[target] = cursor
         return gathered
 
     def serving(self) -> tuple[int, pb.Adapter | None]:
@@ -86,54 +111,42 @@ class Replicas:
         return folder
 
     def start_run(self, trigger: str) -> Run:
-        return Run({target: client.start_run(trigger).id for target, client in self.clients.items()}, self)
+        self.away.clear()
+        return Run(self.each(lambda t, c: c.start_run(trigger).id), self)
 
-    def upload(self, folder: Path, parent_sha256: str, metadata: dict) -> dict[str, pb.Adapter]:
-        """Registers the candidate on every replica (each numbers its versions itself), with its parent there."""
-        candidates = {}
-        for target, client in self.clients.items():
-            parent = _version_with(client, parent_sha256)
-            candidates[target] = client.upload_adapter(folder, parent_version=parent, metadata=metadata)
-        return candidates
+    def current(self, among: dict) -> dict[str, int]:
+        return self.each(lambda t, c: c.adapters()[1], among)
+
+    def upload(self, folder: Path, parent_sha256: str, metadata: dict, among: dict) -> dict[str, pb.Adapter]:
+        """Registers the candidate on each replica (each numbers its versions itself), with its parent there."""
+        return self.each(lambda t, c: c.upload_adapter(folder, parent_version=_version_with(c, parent_sha256),
+                                                       metadata=metadata), among)
 
     def judged(self, candidates: dict, verdict: pb.Verdict) -> None:
-        for target, client in self.clients.items():
-            client.record_evaluation(candidates[target].version, verdict)
+        self.each(lambda t, c: c.record_evaluation(candidates[t].version, verdict), candidates)
 
-    def promote(self, candidates: dict, expected: dict[str, int]) -> list[str]:
+    def promote(self, candidates: dict, expected: dict[str, int]) -> None:
         """Promotes each replica's copy of the candidate, by compare-and-swap against what served there when the run
-        began; returns what failed, one line per replica (each is retried by catch_up)."""
-        failures = []
-        for target, client in self.clients.items():
-            try:
-                client.promote(candidates[target].version, expected_current=expected[target])
-            except ApiError as error:
-                failures.append(f"{target}: {error}")
-        return failures
+        began; a replica that fails is in `away` (and catch_up retries it)."""
+        self.each(lambda t, c: c.promote(candidates[t].version, expected_current=expected[t]), candidates)
 
-    def current(self) -> dict[str, int]:
-        return {target: client.adapters()[1] for target, client in self.clients.items()}
-
-    def catch_up(self) -> list[str]:
+    def catch_up(self) -> None:
         """Brings every replica to the adapter the primary serves (by checksum): uploads it where it is missing and
-        promotes it. Returns a line per replica it could not bring in step (it tries again next time)."""
+        promotes it. One that does not answer is logged, and tried again next time."""
         version, record = self.serving()
-        behind = []
-        for target, client in list(self.clients.items())[1:]:
-            try:
-                adapters, current = client.adapters()
-                serving = next((a for a in adapters if a.version == current), None)
-                if (serving.sha256 if serving else "") == (record.sha256 if record else ""):
-                    continue
-                mine = _version_with(client, record.sha256) if record else 0
-                if record and not mine:
-                    mine = client.upload_adapter(self.local_copy(version, record.sha256),
-                                                 metadata=record.metadata).version
-                client.promote(mine, expected_current=current)
-                log.info("%s caught up: serving v%d, as the primary serves v%d", target, mine, version)
-            except ApiError as error:
-                behind.append(f"{target}: {error}")
-        return behind
+
+        def step(target: str, client: TuningClient) -> None:
+            adapters, current = client.adapters()
+            serving = next((a for a in adapters if a.version == current), None)
+            if (serving.sha256 if serving else "") == (record.sha256 if record else ""):
+                return
+            mine = _version_with(client, record.sha256) if record else 0
+            if record and not mine:
+                mine = client.upload_adapter(self.local_copy(version, record.sha256), metadata=record.metadata).version
+            client.promote(mine, expected_current=current)
+            log.info("%s caught up: serving v%d, as the first target serves v%d", target, mine, version)
+
+        self.each(step, {t: None for t in list(self.clients)[1:]})
 
 
 def _version_with(client: TuningClient, sha256: str) -> int:
@@ -145,7 +158,7 @@ def _version_with(client: TuningClient, sha256: str) -> int:
 
 
 class Run:
-    """One tuning run, recorded on every replica as it goes."""
+    """One tuning run, recorded on every replica that answered when it started."""
 
     def __init__(self, ids: dict[str, int], replicas: Replicas) -> None:
         self.ids, self._replicas, self._reported = ids, replicas, 0.0
@@ -155,8 +168,7 @@ class Run:
         return self.ids[self._replicas.config.primary]
 
     def update(self, **fields) -> None:
-        for target, client in self._replicas.clients.items():
-            client.update_run(self.ids[target], **fields)
+        self._replicas.each(lambda t, c: c.update_run(self.ids[t], **fields), self.ids)
 
     def progress(self, step: int, total: int, loss: float) -> None:
         """Training progress, at most every PROGRESS_EVERY seconds (and always the last step)."""
@@ -165,11 +177,15 @@ class Run:
         self._reported = time.monotonic()
         self.update(step=step, total_steps=total, loss=loss)
 
-    def finish(self, outcome: str, cursors: dict[str, int] | None = None, **fields) -> None:
-        """Ends the run on every replica; a judged run (cursors given) records how far it read each one."""
-        for target, client in self._replicas.clients.items():
-            extra = {"data_until": cursors[target]} if cursors else {}
-            try:
-                client.update_run(self.ids[target], outcome=outcome, **fields, **extra)
-            except ApiError as error:
-                log.error("could not record the end of run %d on %s: %s", self.ids[target], target, error)
+    def finish(self, outcome: str, reason: str, cursors: dict[str, int] | None = None, **fields) -> None:
+        """Ends the run on every replica, naming the replicas that did not answer; a judged run (cursors given)
+        records how far it read each one."""
+        if self._replicas.away:
+            reason += "; replicas that did not answer (caught up when they do): " + "; ".join(
+                f"{t}: {why}" for t, why in self._replicas.away.items())
+
+        def end(target: str, client: TuningClient) -> None:
+            extra = {"data_until": cursors[target]} if cursors and target in cursors else {}
+            client.update_run(self.ids[target], outcome=outcome, reason=reason[:4000], **fields, **extra)
+
+        self._replicas.each(end, self.ids)

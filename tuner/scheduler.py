@@ -37,15 +37,13 @@ def run_tuner(config: TunerConfig, once: bool = False, classifier: str = "") -> 
         last_run, last_outcome = time.monotonic(), ""
         while True:
             try:
-                for line in replicas.catch_up():
-                    log.warning("a replica is not serving the promoted adapter yet: %s", line)
+                replicas.catch_up()
                 trigger = _due(config, replicas, time.monotonic() - last_run, last_outcome)
-            except ApiError as error:  # a replica is away: say so, and try again at the next poll
-                log.warning("could not reach a server: %s", error)
-                trigger = None
-            if trigger:
-                last_outcome = run_cycle(config, replicas, trigger, classifier)
-                last_run = time.monotonic()
+                if trigger:
+                    last_outcome = run_cycle(config, replicas, trigger, classifier)
+                    last_run = time.monotonic()
+            except ApiError as error:  # the first target is away: say so, and try again at the next poll
+                log.warning("could not reach %s: %s", config.primary, error)
             time.sleep(config.poll_seconds)  # polling other processes' state: nothing here to await
     finally:
         replicas.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -68,6 +69,17 @@ class StoreBase:
         if self._writer.is_alive():
             self._queue.put(None)
             self._writer.join()
+
+    async def replica_id(self, wanted: str) -> str:
+        """This server's replica id: `wanted` if given (and kept), else the one kept, else a new one, kept."""
+
+        def write(db: sqlite_utils.Database) -> str:
+            kept = db.execute("SELECT value FROM settings WHERE name = 'replica_id'").fetchone()
+            chosen = wanted or (kept[0] if kept else f"r{secrets.token_hex(3)}")
+            db["settings"].upsert({"name": "replica_id", "value": chosen}, pk="name")
+            return chosen
+
+        return await self._write(write)
 
     async def _read(self, fn: Job) -> Any:
         return await asyncio.to_thread(self.read_now, fn)

@@ -8,7 +8,7 @@ import sqlite_utils
 
 from ..auth import KeyRecord, Principal, Role
 from ..domain import Audit
-from ..errors import NotFound, preview
+from ..errors import FailedPrecondition, NotFound, preview
 from .base import StoreBase, audit
 from .schema import utc_now
 
@@ -18,6 +18,8 @@ class AccessTables(StoreBase):
         """Stores a new key; `actor` None: the server made it itself (its first admin key, its tuner's)."""
 
         def write(db: sqlite_utils.Database) -> None:
+            if db.execute("SELECT 1 FROM keys WHERE id = ?", [record.id]).fetchone():
+                raise FailedPrecondition(f"a key with id {record.id} is already registered here")
             db["keys"].insert({**record.__dict__, "role": record.role.name.lower()})
             audit(db, actor or Principal(record.id, record.app_id, record.role), Audit.KEY_CREATED,
                   f"{record.id} ({record.role.name.lower()} of {record.app_id})")

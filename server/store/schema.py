@@ -84,7 +84,13 @@ def _migration_4(db: sqlite_utils.Database) -> None:
                   json_extract(metadata_json, '$.reason'), json_extract(metadata_json, '$.error'), '')""")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Settings a server keeps about itself (its replica id)."""
+    db["settings"].create({"name": str, "value": str}, pk="name")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
+                                                             _migration_5]
 
 
 def open_db(path: Path) -> sqlite_utils.Database:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import grpc
@@ -23,7 +24,7 @@ def test_unary_generation_answers_and_reports_usage(client):
     assert answer.finish_reason in ("stop", "length")
     assert answer.prompt_tokens > 5 and 0 < answer.completion_tokens <= 32
     assert answer.adapter_version == 0
-    assert len(answer.response_id) == 32
+    assert re.fullmatch(r"[a-z0-9-]{1,16}\.[0-9a-f]{32}", answer.response_id)  # "<replica id>.<128 random bits>"
 
 
 def test_stream_yields_deltas_then_a_final_answer_with_the_same_text(client):
