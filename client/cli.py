@@ -1,62 +1,24 @@
-"""The `instructd` command line: a thin layer over the client (and, for `serve`, the server)."""
+"""The `instructd` command line: a thin layer over the client (and, for `serve` and `tuner`, over the processes
+they run). The users' and operators' commands are here; the admin's in cli_access.py; serve and tuner in cli_run.py."""
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import click
-from instructd.server.config import DEFAULT_METRICS_PORT, ENV_API_KEY, ENV_TARGET, ENV_TLS_CA
+from instructd.server.config import DEFAULT_METRICS_PORT
 
-from .channel import DEFAULT_TARGET, Tls
+from .cli_access import audit, export, forget, keys
+from .cli_options import ApiErrorGroup, connection, version_name
 from .cli_run import serve, tuner
 from .client import Client
-from .export import FORMATS
 from .top import Scrape, render
-from .types import ApiError
-
-_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-_CONNECTION = [
-    click.option("--target", envvar=ENV_TARGET, default=DEFAULT_TARGET, show_default=True,
-                 help=f"host:port of the instructd server (env {ENV_TARGET})."),
-    click.option("--api-key", envvar=ENV_API_KEY, help=f"API key (env {ENV_API_KEY}; default for a server on this "
-                                                       "machine: the admin key in its data directory)."),
-    click.option("--tls-ca", type=_FILE, envvar=ENV_TLS_CA, help=f"Speak TLS, trusting this CA (env {ENV_TLS_CA})."),
-    click.option("--tls-cert", type=_FILE, help="Client certificate, for a server that requires one (mutual TLS)."),
-    click.option("--tls-key", type=_FILE, help="The client certificate's private key."),
-]
 
 
-def connection(command):
-    """Adds the options that say how to reach the server; the command gets `connect()`, which opens a Client."""
-    @functools.wraps(command)
-    def wrapper(*args, target, api_key, tls_ca, tls_cert, tls_key, **kwargs):
-        tls = Tls(tls_ca, tls_cert, tls_key) if tls_ca or tls_cert else None
-        return command(*args, connect=lambda kind=Client: kind(target, api_key=api_key, tls=tls), **kwargs)
-    for option in reversed(_CONNECTION):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-def _version_name(version: int) -> str:
-    return f"v{version}" if version else "base"
-
-
-class _Group(click.Group):
-    """Turns API errors into a one-line message and exit code 1 instead of a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except ApiError as error:
-            raise click.ClickException(str(error)) from None
-
-
-@click.group(cls=_Group)
+@click.group(cls=ApiErrorGroup)
 def main() -> None:
     """instructd: a self-hosted LLM service that learns from its users.
 
@@ -70,8 +32,8 @@ def main() -> None:
     """
 
 
-main.add_command(serve)
-main.add_command(tuner)
+for command in (serve, tuner, keys, audit, forget, export):
+    main.add_command(command)
 
 
 @main.command()
@@ -97,7 +59,7 @@ def ask(prompt, system, adapter, max_tokens, temperature, seed, user, connect) -
                 click.echo(event, nl=False)
                 sys.stdout.flush()
             else:
-                click.echo(f"\n\nresponse_id: {event.response_id}  adapter: {_version_name(event.adapter_version)}"
+                click.echo(f"\n\nresponse_id: {event.response_id}  adapter: {version_name(event.adapter_version)}"
                            f"  tokens: {event.prompt_tokens}+{event.completion_tokens}  finish: {event.finish_reason}")
 
 
@@ -131,10 +93,10 @@ def adapters(connect) -> None:
     """
     with connect() as client:
         rows, promoted = client.adapters()
-    click.echo(f"serving: {_version_name(promoted)}")
+    click.echo(f"serving: {version_name(promoted)}")
     for a in rows:
         mark = "*" if a.version == promoted else " "
-        click.echo(f"{mark} v{a.version:<4} {a.status:<12} parent={_version_name(a.parent_version):<6} "
+        click.echo(f"{mark} v{a.version:<4} {a.status:<12} parent={version_name(a.parent_version):<6} "
                    f"created={a.created_at}  {a.path}")
 
 
@@ -167,7 +129,7 @@ def promote(version, if_current, connect) -> None:
     """
     with connect() as client:
         p = client.promote(version, if_current)
-    click.echo(f"serving {_version_name(p.promoted_version)} (was {_version_name(p.previous_version)})")
+    click.echo(f"serving {version_name(p.promoted_version)} (was {version_name(p.previous_version)})")
 
 
 @main.command()
@@ -183,7 +145,7 @@ def rollback(version, if_current, connect) -> None:
     """
     with connect() as client:
         p = client.rollback(version, if_current)
-    click.echo(f"serving {_version_name(p.promoted_version)} (was {_version_name(p.previous_version)})")
+    click.echo(f"serving {version_name(p.promoted_version)} (was {version_name(p.previous_version)})")
 
 
 @main.command()
@@ -197,11 +159,11 @@ def stats(connect) -> None:
     """
     with connect() as client:
         s = client.stats()
-    click.echo(f"serving: {_version_name(s.promoted_version)}")
+    click.echo(f"serving: {version_name(s.promoted_version)}")
     click.echo(f"{'application':<20} {'adapter':<8} {'exchanges':>9} {'up':>5} {'down':>5} {'up rate':>8}")
     for a in s.adapters:
         rate = f"{a.up_rate:.0%}" if a.up_rate is not None else "-"
-        click.echo(f"{a.app_id:<20} {_version_name(a.adapter_version):<8} {a.exchanges:>9} {a.ratings_up:>5} "
+        click.echo(f"{a.app_id:<20} {version_name(a.adapter_version):<8} {a.exchanges:>9} {a.ratings_up:>5} "
                    f"{a.ratings_down:>5} {rate:>8}")
 
 
@@ -236,7 +198,7 @@ def _watch(client: Client, requested: bool) -> None:
 
 
 def _print_tuning(state) -> None:
-    click.echo(f"serving: {_version_name(state.promoted_version)}" + ("  (a run is requested)" if state.requested
+    click.echo(f"serving: {version_name(state.promoted_version)}" + ("  (a run is requested)" if state.requested
                                                                        else ""))
     for run in state.runs:
         line = f"run {run.id:<4} {run.status:<9} trigger={run.trigger:<9} started={run.started_at}"
@@ -247,121 +209,6 @@ def _print_tuning(state) -> None:
         elif run.reason:
             line += f"  {run.reason}"
         click.echo(line)
-
-
-@main.group(cls=_Group)
-def keys() -> None:
-    """Create, list and revoke API keys (an admin key is needed).
-
-    A key belongs to one application and has one role: app (generate and rate, for its own application),
-    tuner (what the tuner needs) or admin (everything). Its secret is shown once, when it is made.
-
-    \b
-    Example:
-      instructd keys create --app billing-bot --role app --name "billing bot, production"
-      instructd keys list
-      instructd keys revoke 3f2a9c0d1e4b
-      instructd keys import ik_3f2a9c0d1e4b_... --app billing-bot --target replica-b:50051
-    """
-
-
-@keys.command("create")
-@click.option("--app", "app_id", required=True, help="The application the key belongs to.")
-@click.option("--role", type=click.Choice(["app", "tuner", "admin"]), default="app", show_default=True)
-@click.option("--name", default="", help="A name for people to recognise it by.")
-@connection
-def create_key(app_id, role, name, connect) -> None:
-    """Make a key; its secret is printed once and kept nowhere.
-
-    \b
-    Example:
-      instructd keys create --app billing-bot --role app
-    """
-    with connect() as client:
-        key, secret = client.create_key(app_id, role, name)
-    click.echo(f"key {key.id} ({key.role} of {key.app_id}) created; its secret, shown only now:\n{secret}")
-
-
-@keys.command("import")
-@click.argument("secret")
-@click.option("--app", "app_id", required=True, help="The application the key belongs to (as where it was made).")
-@click.option("--role", type=click.Choice(["app", "tuner", "admin"]), default="app", show_default=True)
-@click.option("--name", default="", help="A name for people to recognise it by.")
-@connection
-def import_key(secret, app_id, role, name, connect) -> None:
-    """Register a key made on another replica (its whole secret), so that it works here too.
-
-    \b
-    Example:
-      instructd keys import ik_3f2a9c0d1e4b_... --app billing-bot --role app --target replica-b:50051
-    """
-    with connect() as client:
-        key, _ = client.create_key(app_id, role, name, secret)
-    click.echo(f"key {key.id} ({key.role} of {key.app_id}) registered")
-
-
-@keys.command("list")
-@connection
-def list_keys(connect) -> None:
-    """List every key, revoked ones too (never their secrets).
-
-    \b
-    Example:
-      instructd keys list
-    """
-    with connect() as client:
-        rows = client.keys()
-    click.echo(f"{'id':<13} {'role':<6} {'application':<20} {'created':<30} {'last used':<30} name")
-    for k in rows:
-        state = f"REVOKED {k.revoked_at}" if k.revoked_at else k.last_used_at or "-"
-        click.echo(f"{k.id:<13} {k.role:<6} {k.app_id:<20} {k.created_at:<30} {state:<30} {k.name}")
-
-
-@keys.command("revoke")
-@click.argument("key_id")
-@connection
-def revoke_key(key_id, connect) -> None:
-    """Revoke the key with id KEY_ID: every later call with it is UNAUTHENTICATED.
-
-    \b
-    Example:
-      instructd keys revoke 3f2a9c0d1e4b
-    """
-    with connect() as client:
-        key = client.revoke_key(key_id)
-    click.echo(f"key {key.id} ({key.role} of {key.app_id}) revoked at {key.revoked_at}")
-
-
-@main.command()
-@click.option("--limit", default=50, show_default=True, help="How many events, newest first.")
-@connection
-def audit(limit, connect) -> None:
-    """Admin and tuner actions: keys, registrations, promotions, rollbacks, evaluations, tuning, forgetting.
-
-    \b
-    Example:
-      instructd audit --limit 20
-    """
-    with connect() as client:
-        events = client.audit(limit)
-    for e in events:
-        click.echo(f"{e.at}  {e.action:<20} {e.target:<30} by key {e.key_id or '-'} ({e.app_id})")
-
-
-@main.command()
-@click.option("--app", "app_id", required=True, help="The application the user belongs to.")
-@click.option("--user", "user_id", required=True, help="The user id the application sent.")
-@connection
-def forget(app_id, user_id, connect) -> None:
-    """Delete one user's exchanges and ratings in one application, for good (never trained on again).
-
-    \b
-    Example:
-      instructd forget --app billing-bot --user customer-4711
-    """
-    with connect() as client:
-        exchanges, ratings = client.forget(app_id, user_id)
-    click.echo(f"deleted {exchanges} exchanges and {ratings} ratings")
 
 
 @main.command()
@@ -399,35 +246,6 @@ def top(metrics_url, interval, once, connect) -> None:
             before = after
 
 
-@main.command()
-@click.option("--app", "app_id", default="", help="One application's feedback (default: every application's).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="sft", show_default=True,
-              help="sft, kto, dpo: TRL's conversational formats; openai: OpenAI chat fine-tuning.")
-@click.option("--held-out", type=click.Choice(["all", "only", "exclude"]),
-              help="Which held-out rows (default: all, marked held_out, for sft/kto/dpo; exclude for openai, whose "
-                   "files cannot mark them: `--held-out only` makes its validation file).")
-@click.option("--since", help="Only ratings given at or after this UTC time (ISO-8601, e.g. 2026-11-01).")
-@click.option("--after", type=int, default=0, help="Only ratings after this export cursor (resume an export).")
-@connection
-def export(app_id, fmt, held_out, since, after, connect) -> None:
-    """Write rated feedback as JSON lines to standard output, to train elsewhere (a tuner or admin key).
-
-    \b
-    Example:
-      instructd export --app billing-bot --format dpo > pairs.jsonl
-      instructd export --format openai > train.jsonl && instructd export --format openai --held-out only > val.jsonl
-    """
-    from instructd.v1 import instructd_pb2 as pb
-
-    from .export import records
-    from .tuning import TuningClient
-
-    held_out = held_out or ("exclude" if fmt == "openai" else "all")
-    which = {"all": pb.HELD_OUT_ALL, "only": pb.HELD_OUT_ONLY, "exclude": pb.HELD_OUT_EXCLUDED}[held_out]
-    with connect(TuningClient) as client:
-        rows = (r for r in client.export(after=after, app_id=app_id, held_out=which) if not since or r.rated_at >= since)
-        for record in records(rows, fmt):
-            click.echo(json.dumps(record, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sqlite_utils
 
 from instructd.server.auth import Principal, Role
 from instructd.server.domain import AdapterChoice, Completion, FeedbackInput, GenerationRequest, Sampling
-from instructd.server.records import AdapterRecord, AdapterStatus
+from instructd.server.records import AdapterRecord
 from instructd.server.errors import NotFound
 from instructd.server.store.schema import MIGRATIONS
 from instructd.server.store import Store
