@@ -107,7 +107,7 @@ def measure(work: Path) -> dict:
         server = LocalServer(work / f"data{i}", work / f"server{i}.log", "--generate-per-second", "0",
                              "--feedback-per-second", "0", *options)
         with server:
-            metadata = (("authorization", f"Bearer {server.api_key}"),)
+            metadata = () if "--insecure-no-auth" in options else (("authorization", f"Bearer {server.api_key}"),)
             click.echo(f"{name}: streaming...")
             results[name] = {"streaming": asyncio.run(_streams(server.target, metadata))}
             if i == 0:

@@ -16,6 +16,20 @@ from .base import StoreBase, audit
 from .schema import utc_now
 
 EXPORT_PAGE = 500  # rows per read while exporting: a long export never holds a read transaction for long
+# The hot writes in plain SQL: hundreds of ratings a second go through these (sqlite-utils' insert() looks the
+# table up each time, a fifth of the writer's time when measured).
+_INSERT_EXCHANGE = """INSERT INTO exchanges (id, created_at, app_id, key_id, user_id, messages_json, sampling_json,
+    response, adapter_version, prompt_tokens, completion_tokens, ttft_seconds, latency_seconds, finish_reason)
+    VALUES (:id, :created_at, :app_id, :key_id, :user_id, :messages_json, :sampling_json, :response, :adapter_version,
+    :prompt_tokens, :completion_tokens, :ttft_seconds, :latency_seconds, :finish_reason)"""
+# The rated exchange, this user's earlier rating of it (if any), and the next export cursor, in one read.
+_RATED = """SELECT e.adapter_version, e.app_id, f.id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM feedback)
+    FROM exchanges e LEFT JOIN feedback f ON f.response_id = e.id AND f.user_id = ? WHERE e.id = ?"""
+_INSERT_RATING = """INSERT INTO feedback (id, response_id, user_id, rating, comment, correction, created_at,
+    updated_at, app_id, key_id, seq) VALUES (:id, :response_id, :user_id, :rating, :comment, :correction, :now, :now,
+    :app_id, :key_id, :seq)"""
+_UPDATE_RATING = """UPDATE feedback SET rating = :rating, comment = :comment, correction = :correction,
+    updated_at = :now, app_id = :app_id, key_id = :key_id, seq = :seq WHERE id = :id"""
 
 
 class ExchangeTables(StoreBase):
@@ -29,28 +43,22 @@ class ExchangeTables(StoreBase):
             "completion_tokens": completion.completion_tokens, "ttft_seconds": completion.ttft_seconds,
             "latency_seconds": completion.latency_seconds, "finish_reason": completion.finish_reason,
         }
-        return self.submit(lambda db: db["exchanges"].insert(row))
+        return self.submit(lambda db: db.conn.execute(_INSERT_EXCHANGE, row))
 
     async def record_feedback(self, fb: FeedbackInput) -> tuple[str, bool, int]:
         """Stores a rating (replacing the same user's earlier one); returns (id, replaced, adapter_version).
         Each write takes the next export cursor, so an export resumed after a cursor sees every change once."""
 
         def write(db: sqlite_utils.Database) -> tuple[str, bool, int]:
-            exchange = db.execute("SELECT adapter_version, app_id FROM exchanges WHERE id = ?",
-                                  [fb.response_id]).fetchone()
-            if exchange is None or exchange[1] != fb.app_id:  # another application's answer: not yours to see
+            found = db.conn.execute(_RATED, [fb.user_id, fb.response_id]).fetchone()
+            if found is None or found[1] != fb.app_id:  # another application's answer: not yours to see
                 raise NotFound(f"no response with id {preview(fb.response_id)}")
-            old = db.execute("SELECT id FROM feedback WHERE response_id = ? AND user_id = ?",
-                             [fb.response_id, fb.user_id]).fetchone()
-            now, seq = utc_now(), db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM feedback").fetchone()[0]
-            row = {"id": old[0] if old else uuid.uuid4().hex, "response_id": fb.response_id, "user_id": fb.user_id,
-                   "rating": fb.rating, "comment": fb.comment, "correction": fb.correction, "updated_at": now,
+            version, _, old, seq = found
+            row = {"id": old or uuid.uuid4().hex, "response_id": fb.response_id, "user_id": fb.user_id,
+                   "rating": fb.rating, "comment": fb.comment, "correction": fb.correction, "now": utc_now(),
                    "app_id": fb.app_id, "key_id": fb.key_id, "seq": seq}
-            if old:
-                db["feedback"].update(old[0], row)
-            else:
-                db["feedback"].insert({**row, "created_at": now})
-            return row["id"], old is not None, exchange[0]
+            db.conn.execute(_UPDATE_RATING if old else _INSERT_RATING, row)
+            return row["id"], old is not None, version
 
         return await self._write(write)
 

@@ -17,6 +17,7 @@ from instructd.server.engine import Chunk
 from instructd.server.errors import ResourceExhausted, Unavailable
 from instructd.server.inference import Inference
 from instructd.server.metrics import Metrics
+from instructd.server.peers import Peers
 from instructd.server.router import AdapterRouter
 from instructd.server.store import Store
 
@@ -45,8 +46,8 @@ def _setup(tmp_path: Path, **config):
     engine, store = StandInEngine(), Store(tmp_path / "a.db")
     metrics = Metrics(CollectorRegistry())
     config = ServerConfig(data_dir=tmp_path, **config)
-    return engine, store, metrics, Inference(engine, AdapterRouter(config, engine, store, metrics), store, metrics,
-                                             config)
+    router = AdapterRouter(config, engine, store, metrics)
+    return engine, store, metrics, Inference(engine, router, store, metrics, config, Peers(config, "r1"))
 
 
 REQUEST = GenerationRequest(({"role": "user", "content": "hi"},), Sampling(), AdapterChoice())
