@@ -94,10 +94,12 @@ class Inference:
             log.error("an exchange could not be logged", exc_info=future.exception())
 
     async def _committed(self, future: Future) -> None:
+        started = time.perf_counter()
         try:
             await asyncio.wrap_future(future)
         except Exception as exc:
             raise Unavailable("the answer could not be stored, so it could not be rated; retry") from exc
+        self._metrics.commit_seconds.observe(time.perf_counter() - started)
 
     def _max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
         room = self._engine.max_model_len - prompt_tokens

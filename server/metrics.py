@@ -29,6 +29,7 @@ _CODES = (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.
 # 2.5x from 5 ms to 5 min keep every quantile within one bucket of the truth; 2.5 s is an edge because the TTFT alert
 # fires there.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)  # a group commit: well under 10 ms
 RATINGS = ("up", "down")
 # Versions that carry their own adapter_version label value, in order of precedence when one version has two roles.
 ROLES = ("serving", "previous", "candidate")
@@ -69,6 +70,9 @@ class Metrics:
             **ns)
         self.log_write_failures = Counter("log_write_failures", "Exchanges that could not be written to the store.",
                                           **ns)
+        # What answering only once the exchange is committed adds to a request: the wait for the commit.
+        self.commit_seconds = Histogram("exchange_commit_wait_seconds", "Time an answer waited for its exchange to be "
+                                        "committed before it was sent.", buckets=COMMIT_BUCKETS, **ns)
         self.health_serving = Gauge("health_serving", "1 while gRPC health says SERVING; 0 before and after.", **ns)
         for method in METHODS:
             self.in_flight.labels(method)
