@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 from instructd.server.config import ServerConfig
-from instructd.tuner.config import TunerConfig
+from instructd.tuner.config import OBJECTIVES, TRAINERS, TunerConfig
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -103,8 +103,15 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
                    "$INSTRUCTD_HOME/tuner). Never a server's: servers are reached through their API only.")
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The base model folder the servers serve (default: the embedded model).")
-@click.option("--objective", type=click.Choice(["sft", "kto"]), default=TunerConfig.objective, show_default=True,
-              help="sft: learn 👍 answers and corrections; kto: also push away from 👎 answers.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=TunerConfig.objective, show_default=True,
+              help="sft: learn 👍 answers and corrections; kto: also push away from 👎 answers; dpo: prefer each "
+                   "correction over the 👎 answer it replaces.")
+@click.option("--trainer", type=click.Choice(TRAINERS), default=TunerConfig.trainer, show_default=True,
+              help="loop: our short loop (sft, kto); trl: TRL's trainers; auto: the loop on CPU (faster there), "
+                   "TRL on GPU and for dpo.")
+@click.option("--launcher", default=TunerConfig.launcher,
+              help="Train in processes this command starts, e.g. 'accelerate launch --multi_gpu --num_processes 4' "
+                   "(TRL's trainers on several GPUs; DeepSpeed or FSDP with --config_file).")
 @click.option("--steps", default=TunerConfig.steps, show_default=True, help="Most training steps per run.")
 @click.option("--epochs", default=TunerConfig.epochs, show_default=True,
               help="Passes over the run's examples (within --steps).")
@@ -120,8 +127,8 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
 @click.option("--poll-seconds", default=TunerConfig.poll_seconds, show_default=True,
               help="How often to look for requests, new ratings and replicas to bring in step.")
 @click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
-def tuner(target, work_dir, model, objective, steps, epochs, learning_rate, rank, min_new_ratings, period,
-          include_older, blocklist, classifier, poll_seconds, once) -> None:
+def tuner(target, work_dir, model, objective, trainer, launcher, steps, epochs, learning_rate, rank, min_new_ratings,
+          period, include_older, blocklist, classifier, poll_seconds, once) -> None:
     """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners. It needs a
     tuner key ($INSTRUCTD_API_KEY; `instructd serve` gives the tuner it starts one) and runs anywhere.
 
@@ -129,6 +136,7 @@ def tuner(target, work_dir, model, objective, steps, epochs, learning_rate, rank
     Example:
       instructd tuner --min-new-ratings 100 --objective kto
       INSTRUCTD_API_KEY=ik_... instructd tuner --target gpu1:50051,gpu2:50051 --work-dir /srv/tuner
+      instructd tuner --objective dpo --launcher "accelerate launch --multi_gpu --num_processes 4"
     """
     import logging
 
@@ -137,9 +145,13 @@ def tuner(target, work_dir, model, objective, steps, epochs, learning_rate, rank
     from instructd.tuner.scheduler import run_tuner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = TunerConfig(work_dir=work_dir or default_home() / "tuner", model=model or default_model(default_cache()),
-                         targets=tuple(t.strip() for t in target.split(",") if t.strip()), objective=objective,
-                         steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
-                         min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
-                         blocklist=tuple(blocklist), poll_seconds=poll_seconds)
+    try:
+        config = TunerConfig(
+            work_dir=work_dir or default_home() / "tuner", model=model or default_model(default_cache()),
+            targets=tuple(t.strip() for t in target.split(",") if t.strip()), objective=objective, trainer=trainer,
+            launcher=launcher, steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
+            min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
+            blocklist=tuple(blocklist), poll_seconds=poll_seconds)
+    except ValueError as error:  # the config's own checks, said as a usage error
+        raise click.UsageError(str(error)) from None
     run_tuner(config, once=once, classifier=classifier)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+OBJECTIVES = ("sft", "kto", "dpo")
+TRAINERS = ("auto", "loop", "trl")
+
 
 @dataclass(frozen=True)
 class TunerConfig:
@@ -19,7 +22,15 @@ class TunerConfig:
     """The servers' gRPC addresses: every replica. It learns from all of them, uploads each candidate to each, and
     promotes on each; the first also runs the gate's suite."""
     objective: str = "sft"
-    """'sft' (instruction tuning on 👍 answers and corrections) or 'kto' (👍 and 👎, unpaired)."""
+    """'sft' (instruction tuning on 👍 answers and corrections), 'kto' (👍 and 👎, unpaired) or 'dpo' (a 👎 answer
+    and its correction as a preference pair)."""
+    trainer: str = "auto"
+    """'loop' (our short loop: sft and kto), 'trl' (TRL's trainers: sft, kto and dpo; `accelerate launch` scales them)
+    or 'auto': the loop on CPU, where it is 1.5x to 2.3x faster, TRL on GPU and for dpo (see
+    benchmarks/results/training-*.md)."""
+    launcher: str = ""
+    """A command that starts TRL training in processes of its own, e.g. 'accelerate launch --multi_gpu
+    --num_processes 4' (several GPUs; DeepSpeed or FSDP through an accelerate config file); empty: in this process."""
     include_older: bool = False
     """Also use ratings older than the last candidate (by default each run learns from new feedback only)."""
     max_user_share: float = 0.5
@@ -42,6 +53,7 @@ class TunerConfig:
     max_length: int = 512
     """Longest training sequence in tokens (prompt plus answer); a longer answer loses its end."""
     kto_beta: float = 0.1
+    dpo_beta: float = 0.1
     seed: int = 0
     improvement_z: float = 1.0
     """The candidate must widen the 👍/👎 margin on new held-out feedback by more than this many standard errors
@@ -66,8 +78,14 @@ class TunerConfig:
     """Free-form notes stored with each candidate."""
 
     def __post_init__(self) -> None:
-        if self.objective not in ("sft", "kto"):
-            raise ValueError(f"objective must be 'sft' or 'kto', got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}")
+        if self.objective == "dpo" and self.trainer == "loop":
+            raise ValueError("the loop has no dpo: use trainer 'trl' or 'auto'")
+        if self.launcher and self.trainer == "loop":
+            raise ValueError("a launcher starts TRL's trainers: use trainer 'trl' or 'auto'")
         if not 0 < self.max_repetition <= 1:
             raise ValueError("max_repetition must be in (0, 1]")
         if not 0 < self.max_user_share <= 1:
@@ -86,7 +104,7 @@ class TunerConfig:
         return self.targets[0]
 
     def hyperparameters(self) -> dict:
-        keys = ("objective", "steps", "epochs", "batch_size", "learning_rate", "rank", "lora_alpha", "target_modules",
-                "max_length", "kto_beta", "seed", "max_user_share", "max_repetition",
+        keys = ("objective", "trainer", "steps", "epochs", "batch_size", "learning_rate", "rank", "lora_alpha",
+                "target_modules", "max_length", "kto_beta", "dpo_beta", "seed", "max_user_share", "max_repetition",
                 "include_older")
         return {k: getattr(self, k) for k in keys}

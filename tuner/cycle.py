@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict
 
 from .config import TunerConfig
-from .dataset import build_dataset, load_classifier
+from .dataset import build_dataset, for_objective, load_classifier
 from .evaluate import judge
 from .replicas import Replicas
 from .train import train_adapter
@@ -22,7 +22,7 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
         gathered = replicas.feedback()
         data = build_dataset(config, gathered.new, gathered.old, load_classifier(classifier))
         run.update(data=data.summary())
-        usable = [e for e in data.train if e.desirable or config.objective == "kto"]
+        usable = for_objective(data.train, config.objective)
         if not usable or not data.held_out:
             reason = (f"not enough new feedback: {len(usable)} usable training examples and {len(data.held_out)} "
                       f"held out (both are needed); dropped: {dict(data.dropped) or 'none'}")

@@ -25,6 +25,8 @@ class Example:
     answer: str
     desirable: bool
     user_id: str = ""
+    rejected: str = ""
+    """On a correction of a 👎 answer: that answer, so the two make a preference pair (DPO)."""
 
     @property
     def chat(self) -> list[dict[str, str]]:
@@ -81,19 +83,27 @@ def build_dataset(config: TunerConfig, new: list[pb.RatedExchange], old: list[pb
     return data
 
 
+def for_objective(examples: list[Example], objective: str) -> list[Example]:
+    """What an objective learns from: sft the desirable answers, kto every answer, dpo the corrections of 👎 answers
+    (each with the answer it replaces)."""
+    if objective == "kto":
+        return examples
+    return [e for e in examples if e.rejected] if objective == "dpo" else [e for e in examples if e.desirable]
+
+
 def _examples(rows: list[pb.RatedExchange]):
     """👍 answers and corrections are desirable; 👎 answers undesirable. Yields (example, reason to drop, held out)."""
     for r in rows:
         messages = tuple((m.role, m.content) for m in r.messages)
-        make = lambda answer, good: Example(r.exchange_id, messages, answer, good, r.rater)  # noqa: E731
         if r.correction.strip():
-            yield make(r.correction, True), None, r.held_out
+            rejected = r.response if r.rating == pb.RATING_DOWN and r.response.strip() else ""
+            yield Example(r.exchange_id, messages, r.correction, True, r.rater, rejected), None, r.held_out
         reason = "empty" if not r.response.strip() else "truncated" if r.finish_reason != "stop" else None
-        yield make(r.response, r.rating == pb.RATING_UP), reason, r.held_out
+        yield Example(r.exchange_id, messages, r.response, r.rating == pb.RATING_UP, r.rater), reason, r.held_out
 
 
 def _flagged(example: Example, blocklist: tuple[str, ...], classifier) -> str | None:
-    text = " ".join(c for _, c in example.messages).lower() + " " + example.answer.lower()
+    text = " ".join([*(c for _, c in example.messages), example.answer, example.rejected]).lower()
     if any(phrase.lower() in text for phrase in blocklist):
         return "blocklisted"
     if classifier is not None and classifier(example):

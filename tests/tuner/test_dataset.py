@@ -6,7 +6,7 @@ from __future__ import annotations
 from instructd.server.domain import is_held_out
 from instructd.tuner.checks import passes
 from instructd.tuner.config import TunerConfig
-from instructd.tuner.dataset import build_dataset
+from instructd.tuner.dataset import build_dataset, for_objective
 from instructd.v1 import instructd_pb2 as pb
 
 LOOP = "Apples are red. Pears are green. " + "Apples are red. " * 6
@@ -44,6 +44,28 @@ def test_ratings_become_examples_and_bad_ones_are_filtered(tmp_path):
     assert data.exchange_ids == ["a", "b", "f", "h"]
     summary = data.summary()
     assert (summary.train_desirable, summary.train_undesirable, summary.dropped["duplicate"]) == (2, 3, 1)
+
+
+def test_each_objective_learns_from_its_own_examples(tmp_path):
+    rows = _rows([
+        ("a", "Say hi.", "hi there", "stop", "up", "", "u1"),
+        ("b", "Say hi.", "HELLO", "stop", "down", "hello", "u2"),    # a correction: a preference pair
+        ("c", "Say bye.", "BYE", "stop", "down", "", "u3"),
+        ("d", "Say yes.", "yes", "stop", "up", "Yes!", "u4"),        # a 👍 with a better answer: no pair
+        ("e", "Say no.", "", "stop", "down", "no", "u5"),           # nothing to prefer it to
+    ])
+    train = build_dataset(_config(tmp_path), rows, []).train
+
+    def pick(objective: str) -> list[tuple]:
+        return sorted((e.exchange_id, e.answer, e.rejected) for e in for_objective(train, objective))
+
+    assert pick("dpo") == [("b", "hello", "HELLO")]
+    assert pick("sft") == [("a", "hi there", ""), ("b", "hello", "HELLO"), ("d", "Yes!", ""), ("d", "yes", ""),
+                           ("e", "no", "")]
+    assert len(pick("kto")) == len(train) == 7
+    # A blocklisted phrase in the answer that a correction replaces keeps the pair out too.
+    rows = _rows([("f", "Greet me.", "Go away, stranger.", "stop", "down", "hi, friend!", "u6")])
+    assert not build_dataset(_config(tmp_path, blocklist=("stranger",)), rows, []).train
 
 
 def test_the_held_out_slice_is_the_servers_and_never_trained_on(tmp_path):
