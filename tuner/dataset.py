@@ -112,10 +112,12 @@ def _flagged(example: Example, blocklist: tuple[str, ...], classifier) -> str | 
 
 
 def _cap_users(examples: list[Example], share: float, dropped: Counter) -> list[Example]:
-    """Keeps each user's count at most `share` of the result, so no single rater steers the model."""
-    if share >= 1:
-        return examples
+    """Keeps each user's count at most `share` of the result, so no single rater steers the model. It guards against
+    one rater among many, not against having few: with a single rater (or an application that sends no user ids)
+    there is no one to outweigh, and everything is kept."""
     counts = Counter(e.user_id for e in examples)
+    if share >= 1 or len(counts) < 2:
+        return examples
     allowed = {}
     for user, n in counts.items():
         others = len(examples) - n

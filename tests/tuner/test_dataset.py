@@ -87,6 +87,13 @@ def test_one_rater_cannot_dominate(tmp_path):
     assert data.dropped["user_cap"] == 20
 
 
+def test_a_single_rater_still_teaches(tmp_path):
+    # One person rating with `instructd feedback` (no --user): the cap has no one to protect them from.
+    rows = _rows([(f"s{i}", f"Q{i}?", f"a{i}", "stop", "up" if i % 2 else "down", "", "") for i in range(30)])
+    data = build_dataset(_config(tmp_path, max_user_share=0.5), rows, [])
+    assert len(data.train) == 30 and not data.dropped
+
+
 def test_instruction_checks():
     assert passes("all small here.", {"type": "lowercase"}) and not passes("Not so.", {"type": "lowercase"})
     assert passes("Pacific", {"type": "one_word"}) and not passes("The Pacific", {"type": "one_word"})
