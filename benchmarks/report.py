@@ -57,9 +57,10 @@ def markdown(result: dict, plot_name: str) -> str:
         *[f"| {c['run']['run_id']} | {c['run']['outcome']} v{c['run']['candidate_version']} | "
           f"{c['run']['examples']} | {c['run']['final_loss']:.3f} | {c['run']['reason']} |"
           for c in result["cycles"] if c.get("run")], "",
-        "Live 👍 rate per adapter version (the service's own stats): " + ", ".join(
+        "Live 👍 rate per adapter version (the service's own stats; versions with ratings): " + ", ".join(
             f"{'v' + str(a['adapter_version']) if a['adapter_version'] else 'base'} "
-            f"{(a['up_rate'] or 0):.0%} of {a['up'] + a['down']}" for a in result.get("live_up_rate", [])), "",
+            f"{(a['up_rate'] or 0):.0%} of {a['up'] + a['down']}"
+            for a in result.get("live_up_rate", []) if a["up"] + a["down"]), "",
     ]
     if result["unavailable_types"]:
         lines.append("Instruction types left out (their checker cannot run here): "
