@@ -84,8 +84,8 @@ def test_rollback_target_skips_rolled_back_versions(tmp_path):
 
 
 def test_another_writer_never_fails_a_batch(tmp_path):
-    """The tuner writes the same file from another process. A batch that read first and wrote later, in a
-    deferred transaction, failed at once (SQLITE_BUSY) whenever the other writer committed in between."""
+    """Another process writes the same file (the CLI's `forget`, a migration). A batch that read first and wrote
+    later, in a deferred transaction, failed at once (SQLITE_BUSY) whenever the other writer committed in between."""
     import sqlite3
     import threading
     import time
@@ -93,9 +93,9 @@ def test_another_writer_never_fails_a_batch(tmp_path):
     store = Store(tmp_path / "a.db")
     for i in range(50):
         _exchange(store, f"r{i}")
-    stop, started, commits = threading.Event(), threading.Event(), []
+    stop, commits = threading.Event(), []
 
-    def other_writer() -> None:  # as a tuner would: read, then write, commit, again and again
+    def other_writer() -> None:  # read, then write, commit, again and again
         db = sqlite3.connect(tmp_path / "a.db", timeout=30, isolation_level=None)
         while not stop.is_set():
             db.execute("BEGIN IMMEDIATE")
@@ -103,27 +103,34 @@ def test_another_writer_never_fails_a_batch(tmp_path):
             db.execute("INSERT INTO tuning_requests (requested_at, consumed_at) VALUES ('now', '')")
             db.execute("COMMIT")
             commits.append(1)
-            started.set()
             time.sleep(0.001)
         db.close()
 
     async def rate() -> list:
-        return await asyncio.gather(*(store.record_feedback(FeedbackInput(f"r{i % 50}", "up", user_id=f"u{i}"))
-                                      for i in range(2000)), return_exceptions=True)
+        """2000 ratings in waves of 100; each wave waits for the other writer to commit once more, so the two
+        interleave however fast the batches are (a burst of group commits can hold the lock until it is over)."""
+        results = []
+        for wave in range(20):
+            seen, deadline = len(commits), time.monotonic() + 60
+            results += await asyncio.gather(*(store.record_feedback(FeedbackInput(f"r{i % 50}", "up", user_id=f"u{i}"))
+                                              for i in range(wave * 100, (wave + 1) * 100)), return_exceptions=True)
+            while len(commits) == seen:
+                assert time.monotonic() < deadline, "the other writer never got the lock"
+                await asyncio.sleep(0.001)
+        return results
 
     thread = threading.Thread(target=other_writer)
     thread.start()
     try:
-        started.wait(30)
-        before = len(commits)
         results = asyncio.run(rate())
-        during = len(commits) - before
     finally:
         stop.set()
         thread.join()
         store.close()
     assert not [r for r in results if isinstance(r, BaseException)]
-    assert during > 0  # the other writer committed while the ratings were written
+    db = sqlite3.connect(tmp_path / "a.db")
+    assert db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 2000
+    assert db.execute("SELECT COUNT(*) FROM tuning_requests").fetchone()[0] == len(commits)
     assert sqlite_utils.Database(tmp_path / "a.db")["feedback"].count == 2000
 
 
