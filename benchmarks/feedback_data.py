@@ -33,6 +33,24 @@ def rated_exchanges(path: Path = DATA) -> list[pb.RatedExchange]:
     return rows
 
 
+def answer_batch(tokenizer, model, asked: list[str], max_tokens: int, **sampling) -> list[tuple[str, str]]:
+    """Answers to single-turn prompts with transformers, rendered as the server renders them: (text, finish)."""
+    end = tokenizer.markup.convert_tokens_to_ids("<|im_end|>")
+    ids = [tokenizer.render([{"role": "user", "content": p}]) for p in asked]
+    width = max(map(len, ids))  # padded on the left, so every answer starts at the same position
+    inputs = torch.tensor([[0] * (width - len(x)) + x for x in ids], device=model.device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=inputs, attention_mask=mask, max_new_tokens=max_tokens, eos_token_id=end,
+                             pad_token_id=0, **sampling)
+    answers = []
+    for row in out[:, width:].tolist():
+        stop = end in row
+        answers.append((tokenizer.decode(row[:row.index(end)] if stop else row),
+                        "stop" if stop else "length"))
+    return answers
+
+
 def make(model_dir: Path, path: Path = DATA, seed: int = 0, plain_share: float = 0.3, batch: int = 16) -> None:
     """Samples one answer per prompt (temperature 0.7), rates it, writes the file."""
     from transformers import AutoModelForCausalLM
@@ -45,19 +63,10 @@ def make(model_dir: Path, path: Path = DATA, seed: int = 0, plain_share: float =
              for subjects, held_out in ((SUBJECTS, False), (HELD_OUT_SUBJECTS, True)) for p in prompts(subjects)]
     tokenizer = ChatTokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    end = tokenizer.markup.convert_tokens_to_ids("<|im_end|>")
     answers = []
     for i in range(0, len(asked), batch):
-        ids = [tokenizer.render([{"role": "user", "content": p}]) for p, _ in asked[i:i + batch]]
-        width = max(map(len, ids))  # padded on the left, so every answer starts at the same position
-        inputs = torch.tensor([[0] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        with torch.no_grad():
-            out = model.generate(input_ids=inputs, attention_mask=mask, do_sample=True, temperature=0.7,
-                                 max_new_tokens=MAX_TOKENS, eos_token_id=end, pad_token_id=0)
-        for row in out[:, width:].tolist():
-            stop = end in row
-            answers.append((tokenizer.decode(row[:row.index(end)] if stop else row), "stop" if stop else "length"))
+        answers += answer_batch(tokenizer, model, [p for p, _ in asked[i:i + batch]], MAX_TOKENS, do_sample=True,
+                                temperature=0.7)
         print(f"{len(answers)}/{len(asked)} answered")
     lines = []
     for n, ((prompt, held_out), (text, finish)) in enumerate(zip(asked, answers)):

@@ -31,7 +31,7 @@ from instructd.tuner.dataset import build_dataset, for_objective
 from instructd.tuner.evaluate import answer_scores, margin, margin_change
 from instructd.tuner.train import device_and_dtype, load_model, train_adapter
 
-from .feedback_data import DATA, rated_exchanges
+from .feedback_data import DATA, answer_batch, rated_exchanges
 
 RUNS = ("sft:loop", "sft:trl", "kto:loop", "kto:trl", "dpo:trl")
 
@@ -44,21 +44,13 @@ def mean_tokens(config: TunerConfig, examples) -> float:
     return sum(lengths) / len(examples)
 
 
-@torch.no_grad()
 def lowercase_rate(config: TunerConfig, adapter: Path | None, max_tokens: int = 64, batch: int = 20) -> float:
     """Share of the held-out lowercase prompts whose greedy answer is all lowercase."""
-    device, _ = device_and_dtype()
     tokenizer, model = load_model(config, adapter, trainable=False)
     model.eval()
-    end, asked, answers = tokenizer.markup.convert_tokens_to_ids("<|im_end|>"), prompts(HELD_OUT_SUBJECTS), []
+    asked, answers = prompts(HELD_OUT_SUBJECTS), []
     for i in range(0, len(asked), batch):
-        ids = [tokenizer.render([{"role": "user", "content": p}]) for p in asked[i:i + batch]]
-        width = max(map(len, ids))
-        inputs = torch.tensor([[0] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        out = model.generate(input_ids=inputs, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
-                             eos_token_id=end, pad_token_id=0)
-        answers += [tokenizer.decode([t for t in row if t != end and t != 0]) for row in out[:, width:].tolist()]
+        answers += [text for text, _ in answer_batch(tokenizer, model, asked[i:i + batch], max_tokens, do_sample=False)]
     return sum(map(followed, answers)) / len(answers)
 
 

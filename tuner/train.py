@@ -48,9 +48,13 @@ def device_and_dtype() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
+def cpu_has_bf16() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def cpu_autocast(device: str):
     """On a CPU with bf16 support, compute in bf16 while the weights stay fp32: about twice as fast."""
-    enabled = device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    enabled = device == "cpu" and cpu_has_bf16()
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 

@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -31,8 +30,8 @@ from instructd.server.chat import ChatTokenizer
 
 from .config import TunerConfig
 from .dataset import Example
-from .train import (Progress, TrainResult, device_and_dtype, kto_weights, lora_config, planned_steps,
-                    train_adapter, write_lineage)
+from .train import (Progress, TrainResult, cpu_has_bf16, device_and_dtype, kto_weights, lora_config,
+                    planned_steps, train_adapter, write_lineage)
 
 PROGRESS = "instructd-progress "  # how a launched rank 0 reports each step on its stdout
 
@@ -126,7 +125,7 @@ def train_with_trl(config: TunerConfig, examples: list[Example], out_dir: Path, 
 
 def _bf16(device: str) -> bool:
     """bf16 compute: on GPU, and on a CPU that has it (the loop's cpu_autocast; without it bf16 is slower there)."""
-    return device != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device != "cpu" or cpu_has_bf16()
 
 
 class _Losses(TrainerCallback):
