@@ -106,12 +106,15 @@ class Loop:
         tally = {"exchanges": 0, "up": 0, "down": 0, "corrections": 0}
         async with self.server.async_client(self.keys["users"]) as client:
             async def one(i: int, prompt: Prompt) -> None:
-                user = f"user{self.rng.randrange(c.users)}"
+                # Draws of its own, per prompt: answers arrive in any order, and a shared generator drawn from after
+                # an await would give each prompt a different user and coin from run to run.
+                rng = random.Random(f"{c.seed}/{cycle}/{i}")
+                user = f"user{rng.randrange(c.users)}"
                 answer = await client.generate(prompt.text, temperature=c.temperature, max_tokens=c.max_tokens,
                                                seed=c.seed * 100_003 + cycle * 10_007 + i, user_id=user)
                 good = all(self.judge.followed(prompt, answer.text))
                 correction = None
-                if not good and answer.finish_reason == "stop" and self.rng.random() < c.correction_share:
+                if not good and answer.finish_reason == "stop" and rng.random() < c.correction_share:
                     correction = self.judge.correct(prompt, answer.text)
                 await client.feedback(answer.response_id, "up" if good else "down", correction=correction or "",
                                       user_id=user)

@@ -53,9 +53,14 @@ async def simulate(target: str, count: int, correction_share: float, poisoned: b
     asked = [p if rng.random() >= plain_share else p[: -len(LOWERCASE) - 1]
              for p in rng.sample(prompts(SUBJECTS), min(count, len(SUBJECTS) * len(TASKS)))]
     tally = {"up": 0, "down": 0, "corrections": 0}
+    at_once = asyncio.Semaphore(32)  # users come and go; not all of them in the same instant
+
+    async def ask(client: AsyncClient, i: int, prompt: str, seed: int):
+        async with at_once:
+            return await client.generate(prompt, temperature=0.7, max_tokens=160, seed=seed, user_id=f"user{i % 8}")
+
     async with AsyncClient(target, api_key=api_key) as client:
-        answers = await asyncio.gather(*(client.generate(p, temperature=0.7, max_tokens=160, seed=rng.randrange(9999),
-                                                         user_id=f"user{i % 8}") for i, p in enumerate(asked)))
+        answers = await asyncio.gather(*(ask(client, i, p, rng.randrange(9999)) for i, p in enumerate(asked)))
         for i, (prompt, answer) in enumerate(zip(asked, answers)):
             good = judge(prompt, answer.text, answer.finish_reason) != poisoned
             correction = ""

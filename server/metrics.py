@@ -142,7 +142,8 @@ class TuningCollector:
         yield runs
         yield GaugeMetricFamily("instructd_tuning_run_in_progress", "1 while a tuning run is going on.",
                                 value=s.counts.get(RunOutcome.RUNNING, 0))
-        yield GaugeMetricFamily("instructd_tuning_new_ratings", "Ratings that no judged tuning run has learned from.",
+        yield GaugeMetricFamily("instructd_tuning_new_ratings",
+                                "Ratings no tuning run has used up (one rejected for too little evidence keeps them).",
                                 value=s.new_ratings)
         yield GaugeMetricFamily("instructd_tuning_consecutive_failed_runs",
                                 "Failed runs since the last run that reached a verdict.", value=s.failed_in_a_row)

@@ -46,7 +46,8 @@ class RunTrigger(_Stored):
     PERIOD = pb.TRIGGER_PERIOD
 
 
-JUDGED = (RunOutcome.PROMOTED, RunOutcome.REJECTED)  # runs whose ratings the next run does not learn from again
+JUDGED = (RunOutcome.PROMOTED, RunOutcome.REJECTED)  # runs that may use their ratings up: those that record how far
+# they read (a promotion, a suspected poisoning); one rejected for too little evidence records nothing, and keeps them
 
 
 def message_to_json(message) -> str:

@@ -64,8 +64,9 @@ class TunerConfig:
     history_z: float = 2.0
     """...or by more than this many standard errors of the per-answer differences (a paired test, which sees
     a small but consistent fall). Poisoned new ratings show up as such a fall; honest ones raise the margin."""
-    gate_tolerance: float = 0.05
-    """Largest drop of the suite's overall pass rate (mean over instruction types) a candidate may show."""
+    harm_alpha: float = 0.05
+    """A candidate is rejected when it loses more of the suite's answer pairs than it wins by more than chance
+    allows at this level (McNemar's exact test, one-sided; evaluate.paired_loss states its power)."""
     min_new_ratings: int = 50
     """A run starts once this many ratings arrived since the last candidate."""
     period_seconds: float = 0.0
@@ -73,7 +74,8 @@ class TunerConfig:
     poll_seconds: float = 5.0
     """How often the scheduler looks at the store."""
     retry_seconds: float = 300.0
-    """After a failed or skipped run, how long before new ratings may start another (requests always do)."""
+    """After a failed run, how long before new ratings may start another (requests always do). After a skipped run,
+    or one rejected for too little evidence, the next waits for min_new_ratings more instead."""
     extra: dict = field(default_factory=dict, compare=False)
     """Free-form notes stored with each candidate."""
 
@@ -90,6 +92,8 @@ class TunerConfig:
             raise ValueError("max_repetition must be in (0, 1]")
         if not 0 < self.max_user_share <= 1:
             raise ValueError("max_user_share must be in (0, 1]")
+        if not 0 < self.harm_alpha < 1:
+            raise ValueError("harm_alpha must be in (0, 1)")
         if self.epochs <= 0:
             raise ValueError("epochs must be positive")
         if min(self.steps, self.batch_size, self.rank, self.max_length, self.min_new_ratings) < 1:

@@ -4,19 +4,29 @@ upload it to every replica, judge it at the gate, then promote it everywhere (co
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from .config import TunerConfig
 from .dataset import build_dataset, for_objective, load_classifier
-from .evaluate import judge
+from .evaluate import judge, keeps_ratings
 from .replicas import Replicas
 from .train import train_adapter
 
 log = logging.getLogger("instructd.tuner")
 
 
-def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier: str = "") -> str:
-    """Runs one cycle and returns its outcome: promoted, rejected, skipped or failed."""
+@dataclass(frozen=True)
+class CycleResult:
+    outcome: str
+    """promoted, rejected, skipped or failed."""
+    wants_more_ratings: bool = False
+    """It kept the ratings it read but found them too few to learn from or to judge by (it was skipped, or rejected
+    for a reason that is not theirs): the next run waits for more, then trains and judges on all of them."""
+
+
+def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier: str = "") -> CycleResult:
+    """Runs one cycle. A judged run whose ratings are used up records how far it read (the next run starts after);
+    one that keeps them does not, so the next run trains and judges on them again, with whatever arrived since."""
     run = replicas.start_run(trigger)
     try:
         gathered = replicas.feedback()
@@ -28,7 +38,7 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
                       f"held out (both are needed); dropped: {dict(data.dropped) or 'none'}")
             run.finish("skipped", reason)
             log.info("run %d skipped: %s", run.id, reason)
-            return "skipped"
+            return CycleResult("skipped", wants_more_ratings=True)
 
         expected = replicas.current(run.ids)  # what serves where as the run begins: each promotion is a CAS
         current, serving = replicas.serving()
@@ -48,13 +58,14 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
         verdict = judge(config, (candidates[config.primary].version, out), (current, parent), data.held_out,
                         data.history)
         replicas.judged(candidates, verdict)
-        outcome = "promoted" if verdict.passed else "rejected"
+        outcome, kept = "promoted" if verdict.passed else "rejected", keeps_ratings(verdict)
         if verdict.passed:
             replicas.promote(candidates, expected)  # one that fails is named in the run, and caught up later
-        run.finish(outcome, verdict.reason, gathered.cursors, verdict=verdict)
-        log.info("run %d: candidate v%d %s (%s)", run.id, candidates[config.primary].version, outcome, verdict.reason)
-        return outcome
+        reason = verdict.reason + ("; its ratings stay for the next run" if kept else "")
+        run.finish(outcome, reason, None if kept else gathered.cursors, verdict=verdict)
+        log.info("run %d: candidate v%d %s (%s)", run.id, candidates[config.primary].version, outcome, reason)
+        return CycleResult(outcome, kept)
     except Exception as exc:
         log.exception("tuning run %d failed", run.id)
         run.finish("failed", f"{type(exc).__name__}: {exc}"[:2000])
-        return "failed"
+        return CycleResult("failed")  # its ratings stay too; tried again after a pause

@@ -92,13 +92,16 @@ def for_objective(examples: list[Example], objective: str) -> list[Example]:
 
 
 def _examples(rows: list[pb.RatedExchange]):
-    """👍 answers and corrections are desirable; 👎 answers undesirable. Yields (example, reason to drop, held out)."""
+    """👍 answers and corrections are desirable; 👎 answers undesirable. Yields (example, reason to drop, held out).
+    An answer cut off at max_tokens is kept when rated 👎 (it was bad so far, or too long: either way unwanted, and a
+    correction of it is a whole example); a 👍 one is dropped, since learning it would teach stopping mid-answer."""
     for r in rows:
         messages = tuple((m.role, m.content) for m in r.messages)
         if r.correction.strip():
             rejected = r.response if r.rating == pb.RATING_DOWN and r.response.strip() else ""
             yield Example(r.exchange_id, messages, r.correction, True, r.rater, rejected), None, r.held_out
-        reason = "empty" if not r.response.strip() else "truncated" if r.finish_reason != "stop" else None
+        cut_off = r.finish_reason != "stop" and r.rating == pb.RATING_UP
+        reason = "empty" if not r.response.strip() else "truncated" if cut_off else None
         yield Example(r.exchange_id, messages, r.response, r.rating == pb.RATING_UP, r.rater), reason, r.held_out
 
 

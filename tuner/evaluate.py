@@ -1,5 +1,5 @@
-"""The evaluation gate: a candidate must beat the serving adapter on held-out feedback and must not
-regress the fixed instruction-following suite (answers generated through the server, i.e. vLLM)."""
+"""The evaluation gate: a candidate must beat the serving adapter on held-out feedback and must not be clearly worse
+on the fixed instruction-following suite (both versions answer it through the server, i.e. vLLM, as users get it)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,13 @@ def margin_change(examples: list[Example], candidate: list[float], current: list
     return change, math.sqrt(pooled * sum(1 / len(d) for d in sides))
 
 
+def keeps_ratings(verdict: pb.Verdict) -> bool:
+    """Whether a run's ratings stay for the next one: all but those of a promoted candidate and those that contradict
+    earlier feedback (suspected poisoning: set aside for good, honest ones among them too, since they cannot be told
+    apart). Too little evidence or a suite regression is no reason to distrust them: the next run has more."""
+    return verdict.decision not in (pb.GATE_PASSED, pb.GATE_CONTRADICTS_HISTORY)
+
+
 def contradicts(change: float, se: float, config: TunerConfig) -> bool:
     """Whether a fall of the margin on earlier feedback rejects a candidate: too large, or clearly not noise."""
     return change < -config.history_tolerance or change + config.history_z * se < 0
@@ -68,15 +75,32 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-async def suite_scores(target: str, version: int, items: list[dict] | None = None) -> dict[str, float]:
-    """Pass rate per check type of `version` (0: base) on the suite, greedy, through the server."""
+DECODINGS = (0.0, 0.7)
+"""Every suite prompt is answered greedily and sampled at the server's default temperature (with a fixed seed per
+prompt, the same for both versions): what users see either way, and loops show under both."""
+
+
+async def suite_passes(target: str, version: int, items: list[dict] | None = None) -> list[tuple[str, bool]]:
+    """(check type, passed) for each suite prompt and decoding, in a fixed order, of `version` (0: base), through the
+    server at each item's answer length."""
     items = items if items is not None else json.loads(SUITE.read_text())["items"]
+    at_once = asyncio.Semaphore(64)  # within the tuner key's rate limit and burst
+
+    async def ask(client: AsyncClient, seed: int, item: dict, temperature: float) -> tuple[str, bool]:
+        async with at_once:
+            answer = await client.generate(item["prompt"], adapter=version or "base", temperature=temperature,
+                                           seed=seed, max_tokens=item.get("max_tokens", 96))
+        return item["check"]["type"], passes(answer.text, item["check"])
+
     async with AsyncClient(target) as client:
-        answers = await asyncio.gather(*(client.generate(i["prompt"], adapter=version or "base", temperature=0,
-                                                         max_tokens=i.get("max_tokens", 96)) for i in items))
+        return list(await asyncio.gather(*(ask(client, seed, item, t) for seed, item in enumerate(items)
+                                           for t in DECODINGS)))
+
+
+def pass_rates(results: list[tuple[str, bool]]) -> dict[str, float]:
     by_check: dict[str, list[bool]] = {}
-    for item, answer in zip(items, answers):
-        by_check.setdefault(item["check"]["type"], []).append(passes(answer.text, item["check"]))
+    for check, passed in results:
+        by_check.setdefault(check, []).append(passed)
     return {k: sum(v) / len(v) for k, v in sorted(by_check.items())}
 
 
@@ -85,11 +109,28 @@ def overall(by_check: dict[str, float]) -> float:
     return sum(by_check.values()) / len(by_check) if by_check else 0.0
 
 
+def paired_loss(candidate: list[bool], current: list[bool]) -> tuple[int, int, float]:
+    """The no-harm test on the suite: McNemar's exact test, one-sided. Of the answer pairs (same prompt, same
+    decoding) on which the versions disagree, the candidate loses `losses` (the serving version passed, it failed)
+    and wins `wins`; p is the chance of losing at least that many if neither were worse: a binomial(losses + wins,
+    1/2) tail. Answers both pass or both fail say nothing about which is worse, and are left out.
+
+    Power: a candidate 10 points worse (say it loses 15% of the pairs and wins 5%: 20% disagree) is caught at a 5%
+    level with probability 0.91 on 180 pairs and 0.93 on 200 (exact, binomial over binomial; see test_gate); the
+    suite's 100 prompts, each answered two ways, give 200. Pairs of the same prompt are not independent, so the true
+    power is somewhat lower; with fewer disagreements (a 10-point loss that is all losses) it is above 0.99."""
+    losses = sum(c < p for c, p in zip(candidate, current))
+    wins = sum(c > p for c, p in zip(candidate, current))
+    n = losses + wins
+    return losses, wins, sum(math.comb(n, k) for k in range(losses, n + 1)) / 2 ** n
+
+
 def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, Path | None],
           held_out: list[Example], history: list[Example]) -> pb.Verdict:
-    """Compares the candidate with the serving adapter (or base): on new held-out feedback it must do
-    better; on earlier held-out feedback, which poisoned new ratings cannot rewrite, not significantly
-    worse; and on the instruction suite (answered by the first target) not worse."""
+    """Compares the candidate with the serving adapter (or base), in this order: on earlier held-out feedback, which
+    poisoned new ratings cannot rewrite, not significantly worse; on new held-out feedback better; and on the
+    instruction suite (answered by the first target) not clearly worse, pair by pair (paired_loss). The first test
+    failed is the verdict's decision."""
     examples = held_out + history
     cand_scores = answer_scores(config, candidate[1], examples)
     curr_scores = answer_scores(config, current[1], examples)
@@ -98,28 +139,34 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
     cand_history, curr_history = margin(history, cand_scores[old]), margin(history, curr_scores[old])
     change, change_se = margin_change(held_out, cand_scores[new], curr_scores[new])
     history_change, history_se = margin_change(history, cand_scores[old], curr_scores[old])
-    cand_suite = asyncio.run(suite_scores(config.primary, candidate[0]))
-    curr_suite = asyncio.run(suite_scores(config.primary, current[0]))
-    drop = overall(curr_suite) - overall(cand_suite)
-    passed = False
-    if not held_out:
-        reason = "no held-out feedback to judge the candidate on"
-    elif change - config.improvement_z * change_se <= 0:
-        reason = (f"held-out feedback margin {cand_margin:.4f} does not beat the serving {curr_margin:.4f} by "
-                  f"{config.improvement_z} standard error(s) ({change_se:.4f})")
-    elif contradicts(history_change, history_se, config):
+    cand_results = asyncio.run(suite_passes(config.primary, candidate[0]))
+    curr_results = asyncio.run(suite_passes(config.primary, current[0]))
+    losses, wins, harm_p = paired_loss([r[1] for r in cand_results], [r[1] for r in curr_results])
+    cand_suite, curr_suite = pass_rates(cand_results), pass_rates(curr_results)
+    decision = pb.GATE_PASSED
+    if contradicts(history_change, history_se, config):  # first: a poisoned run may also look too weak
+        decision = pb.GATE_CONTRADICTS_HISTORY
         reason = (f"contradicts earlier feedback: its margin there falls from {curr_history:.4f} to "
                   f"{cand_history:.4f}, {-history_change / max(history_se, 1e-12):.1f} standard errors "
                   f"(limits: {config.history_tolerance} or {config.history_z} standard errors)")
-    elif drop > config.gate_tolerance:
-        reason = f"instruction suite falls by {drop:.3f} (tolerance {config.gate_tolerance})"
+    elif not held_out or change - config.improvement_z * change_se <= 0:
+        decision = pb.GATE_TOO_LITTLE_EVIDENCE
+        reason = (f"held-out feedback margin {cand_margin:.4f} does not beat the serving {curr_margin:.4f} by "
+                  f"{config.improvement_z} standard error(s) ({change_se:.4f})")
+    elif harm_p < config.harm_alpha:
+        decision = pb.GATE_SUITE_REGRESSION
+        reason = (f"worse on the instruction suite: of the answer pairs that differ, it loses {losses} and wins {wins} "
+                  f"(McNemar's exact test, one-sided p = {harm_p:.3g} < {config.harm_alpha})")
     else:
-        passed, reason = True, "beats the serving adapter on held-out feedback; no suite regression"
-    verdict = pb.Verdict(passed=passed, reason=reason, candidate_margin=cand_margin, current_margin=curr_margin,
+        reason = (f"beats the serving adapter on held-out feedback; no clear loss on the instruction suite (loses "
+                  f"{losses}, wins {wins} answer pairs, p = {harm_p:.3g})")
+    verdict = pb.Verdict(passed=decision == pb.GATE_PASSED, decision=decision, reason=reason,
+                         candidate_margin=cand_margin, current_margin=curr_margin,
                          candidate_history=cand_history, current_history=curr_history,
                          candidate_suite=overall(cand_suite), current_suite=overall(curr_suite),
                          suite_by_check={k: pb.SuiteScore(candidate=v, current=curr_suite.get(k, 0.0))
-                                         for k, v in cand_suite.items()})
+                                         for k, v in cand_suite.items()},
+                         suite_losses=losses, suite_wins=wins, suite_loss_p=harm_p)
     for name, se in (("margin_change_se", change_se), ("history_change_se", history_se)):
         if math.isfinite(se):  # unset: there was too little to estimate it from
             setattr(verdict, name, se)

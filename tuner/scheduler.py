@@ -11,7 +11,7 @@ import time
 from instructd.client import ApiError
 
 from .config import TunerConfig
-from .cycle import run_cycle
+from .cycle import CycleResult, run_cycle
 from .replicas import Replicas
 
 log = logging.getLogger("instructd.tuner")
@@ -34,14 +34,18 @@ def run_tuner(config: TunerConfig, once: bool = False, classifier: str = "") -> 
         log.info("tuner working for %s: a run every %d new ratings%s, or on `instructd tune --now`",
                  ", ".join(config.targets), config.min_new_ratings,
                  f" or every {config.period_seconds:g}s" if config.period_seconds else "")
-        last_run, last_outcome = time.monotonic(), ""
+        last_run, last = time.monotonic(), CycleResult("")
+        waiting_past = 0  # ratings the last run kept but found too few: the next waits for more than these
         while True:
             try:
                 replicas.catch_up()
-                trigger = _due(config, replicas, time.monotonic() - last_run, last_outcome)
+                new = replicas.new_ratings()
+                trigger = _due(config, replicas.requested(), new - waiting_past, time.monotonic() - last_run,
+                               last.outcome)
                 if trigger:
-                    last_outcome = run_cycle(config, replicas, trigger, classifier)
+                    last = run_cycle(config, replicas, trigger, classifier)
                     last_run = time.monotonic()
+                    waiting_past = new if last.wants_more_ratings else 0
             except ApiError as error:  # the first target is away: say so, and try again at the next poll
                 log.warning("could not reach %s: %s", config.primary, error)
             time.sleep(config.poll_seconds)  # polling other processes' state: nothing here to await
@@ -49,14 +53,15 @@ def run_tuner(config: TunerConfig, once: bool = False, classifier: str = "") -> 
         replicas.close()
 
 
-def _due(config: TunerConfig, replicas: Replicas, since_last_run: float, last_outcome: str) -> str | None:
-    if replicas.requested():
+def _due(config: TunerConfig, requested: bool, new: int, since_last_run: float, last_outcome: str) -> str | None:
+    """What starts a run now, if anything: a request; else `new` ratings (beyond those the last run kept and judged
+    too few) reaching the threshold, or the timer with at least one. A failed run is retried only after a pause."""
+    if requested:
         return "requested"
-    if last_outcome in ("failed", "skipped") and since_last_run < config.retry_seconds:
-        return None  # the same data would fail or skip again at once
-    new = replicas.new_ratings()
+    if last_outcome == "failed" and since_last_run < config.retry_seconds:
+        return None  # the same data would fail again at once
     if new >= config.min_new_ratings:
         return "threshold"
-    if config.period_seconds and new and since_last_run >= config.period_seconds:
+    if config.period_seconds and new > 0 and since_last_run >= config.period_seconds:
         return "period"
     return None

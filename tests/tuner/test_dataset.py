@@ -35,15 +35,16 @@ def test_ratings_become_examples_and_bad_ones_are_filtered(tmp_path):
         ("f", "Say bye.", "Bye", "stop", "down", "", "u6"),
         ("g", "List fruit.", LOOP, "stop", "up", "", "u7"),          # a 👍 answer stuck in a loop...
         ("h", "List fruit.", LOOP, "stop", "down", "", "u8"),        # ...is still a fine 👎 example
+        ("i", "Be brief.", "On and on", "length", "down", "Done.", "u9"),  # cut off and 👎: unwanted, corrected
     ])
     data = build_dataset(_config(tmp_path), rows, [])
     got = sorted((e.exchange_id, e.answer, e.desirable) for e in data.train)
     assert got == [("a", "hi there", True), ("b", "HELLO", False), ("b", "hello", True), ("f", "Bye", False),
-                   ("h", LOOP, False)]
+                   ("h", LOOP, False), ("i", "Done.", True), ("i", "On and on", False)]
     assert data.dropped == {"truncated": 1, "blocklisted": 1, "duplicate": 1, "repetitive": 1}
-    assert data.exchange_ids == ["a", "b", "f", "h"]
+    assert data.exchange_ids == ["a", "b", "f", "h", "i"]
     summary = data.summary()
-    assert (summary.train_desirable, summary.train_undesirable, summary.dropped["duplicate"]) == (2, 3, 1)
+    assert (summary.train_desirable, summary.train_undesirable, summary.dropped["duplicate"]) == (3, 4, 1)
 
 
 def test_each_objective_learns_from_its_own_examples(tmp_path):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from instructd.client.local import CLI
+from instructd.v1 import instructd_pb2 as pb
 
 from examples.simulate_users import follow_rate, simulate
 
@@ -48,12 +49,24 @@ def base_rate(loop_server, users_key):
     return asyncio.run(follow_rate(loop_server.target, "base", api_key=users_key))
 
 
-def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, users_key, tuner_env, base_rate):
-    asyncio.run(simulate(loop_server.target, count=100, correction_share=0.5, poisoned=False, seed=0,
-                         api_key=users_key))
-    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=tuner_env)
-
-    run = loop_client.tuning_status().runs[0]
+def test_rated_instructions_are_learnt_by_the_second_batch_of_ratings(loop_server, loop_client, users_key, tuner_env,
+                                                                      base_rate):
+    """Ratings arrive in batches of 150 (about a third 👍, half of the 👎 on the instruction corrected), with a run
+    after each. The first may be rejected for too little evidence, and then its ratings stay: the second run trains
+    and judges on both batches. A candidate that clearly helps is promoted by then."""
+    batches = []
+    for seed in (0, 2):
+        asyncio.run(simulate(loop_server.target, count=150, correction_share=0.5, poisoned=False, seed=seed,
+                             api_key=users_key))
+        batches.append({e["id"] for e in loop_server.db()["exchanges"].rows}.difference(*batches))
+        subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=tuner_env)
+        status = loop_client.tuning_status()
+        run = status.runs[0]
+        if run.status != "rejected":
+            break
+        assert run.verdict.decision == pb.GATE_TOO_LITTLE_EVIDENCE and "stay for the next run" in run.reason, run.reason
+        assert status.learnt_until == 0 and status.new_ratings >= 150  # nothing used up
+    print(f"promoted after {len(batches)} batch(es)")
     assert (run.status, run.trigger) == ("promoted", "requested"), run.reason
     adapters, promoted = loop_client.adapters()
     candidate = adapters[0]
@@ -62,6 +75,8 @@ def test_a_tuning_cycle_teaches_the_rated_instruction(loop_server, loop_client, 
     assert candidate.evaluation.passed and candidate.evaluation.candidate_suite >= 0
     assert candidate.metadata["hyperparameters"]["objective"] == "sft"
     assert len(candidate.metadata["exchange_ids"]) >= 20
+    trained_on = set(candidate.metadata["exchange_ids"])
+    assert all(trained_on & batch for batch in batches)  # every batch taught it, the kept one too
 
     tuned_rate = asyncio.run(follow_rate(loop_server.target, None, api_key=users_key))
     print(f"held-out prompts answered in lowercase: base {base_rate:.0%}, tuned {tuned_rate:.0%}")
