@@ -80,10 +80,10 @@ DECODINGS = (0.0, 0.7)
 prompt, the same for both versions): what users see either way, and loops show under both."""
 
 
-async def suite_passes(target: str, version: int, items: list[dict] | None = None) -> list[tuple[str, bool]]:
+async def suite_passes(target: str, version: int) -> list[tuple[str, bool]]:
     """(check type, passed) for each suite prompt and decoding, in a fixed order, of `version` (0: base), through the
     server at each item's answer length."""
-    items = items if items is not None else json.loads(SUITE.read_text())["items"]
+    items = json.loads(SUITE.read_text())["items"]
     at_once = asyncio.Semaphore(64)  # well within the server's admission limit (256 in flight), leaving users room
 
     async def ask(client: AsyncClient, seed: int, item: dict, temperature: float) -> tuple[str, bool]:
