@@ -93,7 +93,10 @@ def adapters(connect) -> None:
     """
     with connect() as client:
         rows, promoted = client.adapters()
+        canary = client.canary()
     click.echo(f"serving: {version_name(promoted)}")
+    if canary:
+        click.echo(canary.describe())
     for a in rows:
         mark = "*" if a.version == promoted else " "
         click.echo(f"{mark} v{a.version:<4} {a.status:<12} parent={version_name(a.parent_version):<6} "
@@ -117,19 +120,30 @@ def register(path, parent, connect) -> None:
 
 
 @main.command()
-@click.argument("version", type=int)
+@click.argument("version", type=int, required=False)
 @click.option("--if-current", type=int, help="Promote only if this version is serving now (compare-and-swap).")
+@click.option("--canary", is_flag=True, help="Serve it to the canary share of users first; their ratings decide.")
 @connection
-def promote(version, if_current, connect) -> None:
-    """Serve VERSION for new requests (0: the base model).
+def promote(version, if_current, canary, connect) -> None:
+    """Serve VERSION for new requests (0: the base model). Without VERSION, approve the canary in progress.
 
     \b
     Example:
       instructd promote 3 --if-current 2
+      instructd promote                 # the canary's version, for everyone (how manual mode promotes)
+      instructd promote 4 --canary      # to a share of users first
     """
     with connect() as client:
-        p = client.promote(version, if_current)
-    click.echo(f"serving {version_name(p.promoted_version)} (was {version_name(p.previous_version)})")
+        if version is None:
+            running = client.canary()
+            if running is None:
+                raise click.UsageError("no canary is in progress: name the VERSION to promote")
+            version, if_current = running.version, running.incumbent_version
+        p = client.promote(version, if_current, canary)
+    if p.canary:
+        click.echo(p.canary.describe())
+    else:
+        click.echo(f"serving {version_name(p.promoted_version)} (was {version_name(p.previous_version)})")
 
 
 @main.command()
@@ -200,6 +214,8 @@ def _watch(client: Client, requested: bool) -> None:
 def _print_tuning(state) -> None:
     click.echo(f"serving: {version_name(state.promoted_version)}" + ("  (a run is requested)" if state.requested
                                                                        else ""))
+    if state.canary:
+        click.echo(state.canary.describe())
     for run in state.runs:
         line = f"run {run.id:<4} {run.status:<9} trigger={run.trigger:<9} started={run.started_at}"
         if run.status == "running":

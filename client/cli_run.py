@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from instructd.server.canary import CanaryMode
 from instructd.server.config import ServerConfig
 from instructd.tuner.config import OBJECTIVES, TRAINERS, TunerConfig
 
@@ -56,6 +57,20 @@ def _default(name: str):
 @click.option("--peer-tls-ca", type=_FILE, help="CA of the peers' TLS certificates (default: peers in clear).")
 @click.option("--held-out-share", default=_default("held_out_share"), show_default=True,
               help="Share of rated exchanges held out from training for the tuner's gate (by a hash of their id).")
+@click.option("--canary", type=click.Choice(["auto", "manual", "off"]), default="off", show_default=True,
+              help="A candidate the tuner passes first serves a share of users: auto lets their ratings promote or "
+                   "roll it back; manual rolls back on its own, promotes only by `instructd promote`; off promotes at "
+                   "once.")
+@click.option("--canary-share", default=_default("canary_share"), show_default=True,
+              help="Share of users (by a hash of their user id) the canary serves.")
+@click.option("--canary-max-users", default=_default("canary_max_users"), show_default=True,
+              help="Most distinct users the canary serves.")
+@click.option("--canary-max-ratings", default=_default("canary_max_ratings"), show_default=True,
+              help="End a canary without a clear call after this many ratings of its answers.")
+@click.option("--canary-max-seconds", default=_default("canary_max_seconds"), show_default=True,
+              help="End a canary without a clear call after this long.")
+@click.option("--canary-promote-at-limit", is_flag=True,
+              help="At a limit without a clear call, promote the candidate (default: keep the incumbent).")
 @click.option("--tensor-parallel-size", default=1, show_default=True, help="vLLM: GPUs per model (tensor parallel).")
 @click.option("--pipeline-parallel-size", default=1, show_default=True, help="vLLM: pipeline stages.")
 @click.option("--data-parallel-size", default=1, show_default=True, help="vLLM: engine copies in this server.")
@@ -76,6 +91,7 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
       instructd serve --port 50051 --no-tuner
       instructd serve --host 0.0.0.0 --tls-cert server.pem --tls-key server-key.pem
       instructd serve --replica-id a --peer b=10.0.0.2:50051 --no-tuner     # one of two replicas
+      instructd serve --canary auto --canary-share 0.1     # new versions face 10% of users first
     """
     import asyncio
     import logging
@@ -86,6 +102,7 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
     data_dir = data_dir.resolve() if data_dir else None
     if any("=" not in p for p in peers):
         raise click.BadParameter("--peer takes ID=HOST:PORT")
+    options["canary"] = CanaryMode[options["canary"].upper()]
     try:
         config = ServerConfig(data_dir=data_dir, adapter_dir=adapter_dir or (data_dir / "incoming" if data_dir else None),
                               auth=not no_auth, durable_answers=not fire_and_forget,

@@ -23,7 +23,7 @@ from instructd.v1 import instructd_pb2_grpc as pb_grpc
 
 from . import requests
 from .channel import Tls, channel
-from .types import Adapter, Answer, ApiError, ApiKey, AuditEvent, Promotion, Stats, TuningRun, TuningStatus
+from .types import Adapter, Answer, ApiError, ApiKey, AuditEvent, Canary, Promotion, Stats, TuningRun, TuningStatus
 
 
 class _Stubs:
@@ -78,8 +78,13 @@ class Client(_Stubs):
     def register(self, path: str, **options) -> Adapter:
         return Adapter.from_pb(self._call(self._admin.RegisterAdapter, requests.register(path, **options)))
 
-    def promote(self, version: int, expected_current: int | None = None) -> Promotion:
-        return Promotion.from_pb(self._call(self._admin.Promote, requests.promote(version, expected_current)))
+    def promote(self, version: int, expected_current: int | None = None, canary: bool = False) -> Promotion:
+        """Serves `version`; with `canary`, to the server's canary share of users first (see Canary)."""
+        return Promotion.from_pb(self._call(self._admin.Promote, requests.promote(version, expected_current, canary)))
+
+    def canary(self) -> Canary | None:
+        """The canary in progress, None if none is."""
+        return Canary.of(self._call(self._admin.ListAdapters, pb.ListAdaptersRequest()))
 
     def rollback(self, version: int | None = None, expected_current: int | None = None) -> Promotion:
         return Promotion.from_pb(self._call(self._admin.Rollback, requests.rollback(version, expected_current)))
@@ -187,8 +192,9 @@ class AsyncClient(_Stubs):
     async def register(self, path: str, **options) -> Adapter:
         return Adapter.from_pb(await self._call(self._admin.RegisterAdapter, requests.register(path, **options)))
 
-    async def promote(self, version: int, expected_current: int | None = None) -> Promotion:
-        return Promotion.from_pb(await self._call(self._admin.Promote, requests.promote(version, expected_current)))
+    async def promote(self, version: int, expected_current: int | None = None, canary: bool = False) -> Promotion:
+        return Promotion.from_pb(await self._call(self._admin.Promote,
+                                                  requests.promote(version, expected_current, canary)))
 
     async def rollback(self, version: int | None = None, expected_current: int | None = None) -> Promotion:
         return Promotion.from_pb(await self._call(self._admin.Rollback, requests.rollback(version, expected_current)))

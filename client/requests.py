@@ -45,8 +45,8 @@ def register(path: str, *, parent_version: int = 0, metadata: dict | None = None
                                      metadata_json=json.dumps(metadata or {}), rejected=rejected)
 
 
-def promote(version: int, expected_current: int | None = None) -> pb.PromoteRequest:
-    return pb.PromoteRequest(version=version, expected_current=expected_current)
+def promote(version: int, expected_current: int | None = None, canary: bool = False) -> pb.PromoteRequest:
+    return pb.PromoteRequest(version=version, expected_current=expected_current, canary=canary)
 
 
 def rollback(version: int | None = None, expected_current: int | None = None) -> pb.RollbackRequest:

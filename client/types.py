@@ -46,7 +46,8 @@ def _name(enum, value: int, prefix: str) -> str:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A registered adapter version; status is "registered", "promoted", "retired", "rolled_back" or "rejected";
+    """A registered adapter version; status is "registered", "canary", "promoted", "retired", "rolled_back" or
+    "rejected";
     evaluation is the gate's verdict (typed: .passed, .reason, .candidate_suite, ...), None before one."""
 
     version: int
@@ -98,15 +99,55 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """A candidate serving a share of users beside the promoted version (the incumbent). mode: "auto", "manual" or
+    "off"; call: what the live ratings say so far, "undecided", "no_worse" or "worse"."""
+
+    version: int
+    incumbent_version: int
+    mode: str
+    share: float
+    started_at: str
+    candidate_up: int
+    candidate_down: int
+    incumbent_up: int
+    incumbent_down: int
+    users_exposed: int
+    p_no_worse: float
+    p_worse: float
+    call: str
+
+    @classmethod
+    def from_pb(cls, m: pb.Canary) -> Canary:
+        return cls(m.version, m.incumbent_version, _name(pb.CanaryMode, m.mode, "CANARY_"), m.share, m.started_at,
+                   m.candidate_up, m.candidate_down, m.incumbent_up, m.incumbent_down, m.users_exposed,
+                   m.p_no_worse, m.p_worse, _name(pb.CanaryCall, m.call, "CANARY_"))
+
+    @classmethod
+    def of(cls, message) -> Canary | None:
+        """The canary field of a reply, None when unset."""
+        return cls.from_pb(message.canary) if message.HasField("canary") else None
+
+    def describe(self) -> str:
+        rate = lambda up, down: f"{up}/{up + down} 👍" if up + down else "no ratings"  # noqa: E731
+        return (f"canary v{self.version} on {self.share:.0%} of users ({self.mode}): "
+                f"{rate(self.candidate_up, self.candidate_down)} against "
+                f"{rate(self.incumbent_up, self.incumbent_down)} for v{self.incumbent_version}, "
+                f"{self.users_exposed} users, P(no worse) {self.p_no_worse:.2f}, P(worse) {self.p_worse:.2f}: "
+                f"{self.call.replace('_', ' ')}")
+
+
+@dataclass(frozen=True)
 class Promotion:
-    """The outcome of a promotion or rollback."""
+    """The outcome of a promotion or rollback; `canary` is set when the version went to a canary instead."""
 
     previous_version: int
     promoted_version: int
+    canary: Canary | None = None
 
     @classmethod
     def from_pb(cls, m: pb.PromoteResponse) -> Promotion:
-        return cls(m.previous_version, m.promoted_version)
+        return cls(m.previous_version, m.promoted_version, Canary.of(m))
 
 
 @dataclass(frozen=True)
@@ -146,6 +187,7 @@ class TuningStatus:
     promoted_version: int
     newest_cursor: int = 0
     learnt_until: int = 0
+    canary: Canary | None = None
 
     @property
     def new_ratings(self) -> int:
@@ -154,7 +196,7 @@ class TuningStatus:
     @classmethod
     def from_pb(cls, m: pb.TuningStatus) -> TuningStatus:
         return cls([TuningRun.from_pb(r) for r in m.runs], m.requested, m.promoted_version, m.newest_cursor,
-                   m.learnt_until)
+                   m.learnt_until, Canary.of(m))
 
 
 @dataclass(frozen=True)

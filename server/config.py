@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .canary import CanaryMode
+
 # Every environment variable instructd reads, declared once, here.
 ENV_HOME = "INSTRUCTD_HOME"            # root of data and caches; default ~/.local/share/instructd
 ENV_CACHE = "INSTRUCTD_CACHE"          # where the converted default model is cached; default ~/.cache/instructd
@@ -121,6 +123,21 @@ class ServerConfig:
     same on every replica and in every export."""
     retention_days: float = 0.0
     """Delete exchanges (and their ratings) older than this that no adapter was trained on; 0 keeps them all."""
+    canary: CanaryMode = CanaryMode.OFF
+    """What happens to a candidate the tuner releases (Promote with canary): OFF promotes it at once; AUTO serves it
+    to `canary_share` of users and lets their ratings promote or roll it back; MANUAL rolls back on its own but
+    promotes only when an operator does (`instructd promote`)."""
+    canary_share: float = 0.1
+    """Share of users (by a hash of their user id) a canary serves."""
+    canary_max_users: int = 1000
+    """Most distinct users a canary serves: later users in its share get the incumbent."""
+    canary_max_ratings: int = 400
+    """A canary whose answers got this many ratings without a clear call ends: the incumbent stays (or the candidate
+    is promoted, with canary_promote_at_limit). One found no worse in manual mode waits for the operator instead."""
+    canary_max_seconds: float = 86400.0
+    """Likewise, a canary that has run this long ends."""
+    canary_promote_at_limit: bool = False
+    """At a limit without a clear call, promote the candidate instead of keeping the incumbent."""
     tuner: bool = False
     """Start the tuner in its own process beside the server (`instructd serve` does by default)."""
 
@@ -161,6 +178,10 @@ class ServerConfig:
             raise ValueError("parallel sizes must be at least 1")
         if not 0 <= self.held_out_share < 1:
             raise ValueError(f"held_out_share must be in [0, 1), got {self.held_out_share}")
+        if not 0 < self.canary_share < 1:
+            raise ValueError(f"canary_share must be in (0, 1), got {self.canary_share}")
+        if min(self.canary_max_users, self.canary_max_ratings, self.canary_max_seconds) <= 0:
+            raise ValueError("canary_max_users, canary_max_ratings and canary_max_seconds must be positive")
         for name in ("generate_per_second", "feedback_per_second", "retention_days"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative (0: no limit), got {getattr(self, name)}")

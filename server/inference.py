@@ -52,7 +52,7 @@ class Inference:
                                      f"context of {self._engine.max_model_len} tokens holds; refused unread")
             prompt_ids = await self._engine.render(request.messages)
             max_tokens = self._max_tokens(request, len(prompt_ids))
-            adapter = await self._router.route(request.adapter)
+            adapter = await self._router.route(request.adapter, request.user_id)
             done = Completion(response_id, "", "abort", len(prompt_ids), 0,
                               adapter.version if adapter else BASE_VERSION)
             parts: list[str] = []

@@ -15,6 +15,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from instructd.v1 import instructd_pb2 as pb
 
+from .canary import CanaryOutcome, Tally
 from .domain import BASE_VERSION
 from .records import RunOutcome, RunRecord
 
@@ -32,7 +33,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 
 COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)  # a group commit: well under 10 ms
 RATINGS = ("up", "down")
 # Versions that carry their own adapter_version label value, in order of precedence when one version has two roles.
-ROLES = ("serving", "previous", "candidate")
+ROLES = ("serving", "canary", "previous", "candidate")
 OTHER_VERSIONS = "other"  # the adapter_version label value of every version without a role
 
 
@@ -73,6 +74,15 @@ class Metrics:
         # What answering only once the exchange is committed adds to a request: the wait for the commit.
         self.commit_seconds = Histogram("exchange_commit_wait_seconds", "Time an answer waited for its exchange to be "
                                         "committed before it was sent.", buckets=COMMIT_BUCKETS, **ns)
+        self.canary_version = Gauge("canary_adapter_version", "Adapter version serving as a canary (0: none).", **ns)
+        self.canary_share = Gauge("canary_share", "Share of users routed to the canary (0: no canary).", **ns)
+        self.canary_users = Gauge("canary_users", "Distinct users the canary has answered.", **ns)
+        self.canary_ratings = Gauge("canary_ratings", "Ratings of the answers the canary (arm 'candidate') and the "
+                                    "promoted version beside it ('incumbent') gave since the canary started.",
+                                    ["arm", "rating"], **ns)
+        self.canary_p_worse = Gauge("canary_probability_worse", "Posterior probability that the canary's 👍 rate is "
+                                    "below the incumbent's (rolled back at 0.998).", **ns)
+        self.canary_outcomes = Counter("canary_outcomes", "Canaries ended, by how.", ["outcome"], **ns)
         self.health_serving = Gauge("health_serving", "1 while gRPC health says SERVING; 0 before and after.", **ns)
         for method in METHODS:
             self.in_flight.labels(method)
@@ -84,6 +94,10 @@ class Metrics:
             self.adapter_load_failures.labels(phase)
         for rating in RATINGS:
             self.feedback.labels(rating, OTHER_VERSIONS)
+            for arm in ("candidate", "incumbent"):
+                self.canary_ratings.labels(arm, rating)
+        for outcome in CanaryOutcome:
+            self.canary_outcomes.labels(outcome.value)
         self._roles: dict[str, int | None] = {}  # role -> version
         self._labelled: set[int] = set()
         self.serving_changed(BASE_VERSION, previous=None, promoted_at=None)
@@ -100,6 +114,23 @@ class Metrics:
     def candidate_registered(self, version: int) -> None:
         self._roles["candidate"] = version
         self._relabel()
+
+    def canary_changed(self, canary, ended: CanaryOutcome | None = None) -> None:
+        """Shows the running canary (a router.Canary), or that none runs, counting how the last one ended."""
+        if ended:
+            self.canary_outcomes.labels(ended.value).inc()
+        tally = canary.tally if canary else Tally()
+        self.canary_version.set(canary.record.version if canary else 0)
+        self.canary_share.set(canary.record.share if canary else 0)
+        self.canary_users.set(len(canary.users) if canary else 0)
+        self.canary_p_worse.set(canary.p_worse if canary else 0)
+        for (arm, rating), n in {("candidate", "up"): tally.candidate_up, ("candidate", "down"): tally.candidate_down,
+                                 ("incumbent", "up"): tally.incumbent_up,
+                                 ("incumbent", "down"): tally.incumbent_down}.items():
+            self.canary_ratings.labels(arm, rating).set(n)
+        if self._roles.get("canary") != (canary.record.version if canary else None):
+            self._roles["canary"] = canary.record.version if canary else None
+            self._relabel()
 
     def count_feedback(self, rating: str, version: int) -> None:
         """Counts a committed rating under the version that answered, or under 'other' for a version without a role."""

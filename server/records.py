@@ -30,6 +30,7 @@ class AdapterStatus(_Stored):
     RETIRED = pb.ADAPTER_RETIRED
     ROLLED_BACK = pb.ADAPTER_ROLLED_BACK
     REJECTED = pb.ADAPTER_REJECTED
+    CANARY = pb.ADAPTER_CANARY
 
 
 class RunOutcome(_Stored):

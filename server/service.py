@@ -69,7 +69,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def ListAdapters(self, request, context):
         adapters = await self.store.list_adapters()
         return pb.ListAdaptersResponse(adapters=[a.to_pb() for a in adapters],
-                                       promoted_version=self.router.promoted_version)
+                                       promoted_version=self.router.promoted_version, canary=self._canary())
 
     async def RegisterAdapter(self, request, context):
         metadata = json_object(request.metadata_json, "metadata_json")
@@ -79,8 +79,13 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def Promote(self, request, context):
         expected = request.expected_current if request.HasField("expected_current") else None
-        previous = await self.router.promote(request.version, expected, CALLER.get())
-        return pb.PromoteResponse(previous_version=previous, promoted_version=self.router.promoted_version)
+        if request.canary:
+            previous = self.router.promoted_version
+            await self.router.start_canary(request.version, expected, CALLER.get())
+        else:
+            previous = await self.router.promote(request.version, expected, CALLER.get())
+        return pb.PromoteResponse(previous_version=previous, promoted_version=self.router.promoted_version,
+                                  canary=self._canary())
 
     async def Rollback(self, request, context):
         version = request.version if request.HasField("version") else None
@@ -104,7 +109,17 @@ class AdminServicer(pb_grpc.AdminServicer):
         state = await self.store.tuning_status(min(limit, 1000))
         return pb.TuningStatus(runs=[r.to_pb() for r in state.runs], requested=state.requested,
                                promoted_version=self.router.promoted_version, newest_cursor=state.newest_cursor,
-                               learnt_until=state.learnt_until)
+                               learnt_until=state.learnt_until, canary=self._canary())
+
+    def _canary(self) -> pb.Canary | None:
+        if not (c := self.router.canary):
+            return None
+        t, mode = c.tally, self.router.canary_mode.value
+        return pb.Canary(version=c.record.version, incumbent_version=c.record.incumbent, mode=mode,
+                         share=c.record.share, started_at=c.record.started_at, candidate_up=t.candidate_up,
+                         candidate_down=t.candidate_down, incumbent_up=t.incumbent_up,
+                         incumbent_down=t.incumbent_down, users_exposed=len(c.users), p_no_worse=c.p_no_worse,
+                         p_worse=c.p_worse, call=c.call.value)
 
     async def GetStats(self, request, context):
         caller = CALLER.get()

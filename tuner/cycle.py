@@ -59,9 +59,10 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
                         data.history)
         replicas.judged(candidates, verdict)
         outcome, kept = "promoted" if verdict.passed else "rejected", keeps_ratings(verdict)
-        if verdict.passed:
-            replicas.promote(candidates, expected)  # one that fails is named in the run, and caught up later
         reason = verdict.reason + ("; its ratings stay for the next run" if kept else "")
+        if verdict.passed:  # a replica that fails is named in the run, and caught up later
+            if canary := replicas.promote(candidates, expected).canary:
+                reason += f"; serving a canary to {canary.share:.0%} of users, whose ratings decide"
         run.finish(outcome, reason, None if kept else gathered.cursors, verdict=verdict)
         log.info("run %d: candidate v%d %s (%s)", run.id, candidates[config.primary].version, outcome, reason)
         return CycleResult(outcome, kept)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from instructd.client import ApiError
+from instructd.client.types import Promotion
 from instructd.client.tuning import TuningClient
 from instructd.v1 import instructd_pb2 as pb
 
@@ -74,6 +75,10 @@ class Replicas:
         """Claims `tune --now` requests made on any replica."""
         return any(self.each(lambda t, c: c.claim_request()).values())
 
+    def canary_running(self) -> bool:
+        """Whether the primary is running a canary."""
+        return self.primary.tuning_status(limit=1).canary is not None
+
     def new_ratings(self) -> int:
         return sum(self.each(lambda t, c: c.tuning_status(limit=1).new_ratings).values())
 
@@ -125,10 +130,14 @@ class Replicas:
     def judged(self, candidates: dict, verdict: pb.Verdict) -> None:
         self.each(lambda t, c: c.record_evaluation(candidates[t].version, verdict), candidates)
 
-    def promote(self, candidates: dict, expected: dict[str, int]) -> None:
-        """Promotes each replica's copy of the candidate, by compare-and-swap against what served there when the run
-        began; a replica that fails is in `away` (and catch_up retries it)."""
-        self.each(lambda t, c: c.promote(candidates[t].version, expected_current=expected[t]), candidates)
+    def promote(self, candidates: dict, expected: dict[str, int]) -> Promotion:
+        """Releases each replica's copy of the candidate, by compare-and-swap against what served there when the run
+        began: promoted, or first served to a share of users where the server runs a canary (each replica judges its
+        own; catch_up then brings the others to what the primary serves). A replica that fails is in `away` (and
+        catch_up retries it). Returns the primary's outcome."""
+        released = self.each(lambda t, c: c.promote(candidates[t].version, expected_current=expected[t], canary=True),
+                             candidates)
+        return released[self.config.primary]
 
     def catch_up(self) -> None:
         """Brings every replica to the adapter the primary serves (by checksum): uploads it where it is missing and

@@ -41,7 +41,7 @@ def run_tuner(config: TunerConfig, once: bool = False, classifier: str = "") -> 
                 replicas.catch_up()
                 new = replicas.new_ratings()
                 trigger = _due(config, replicas.requested(), new - waiting_past, time.monotonic() - last_run,
-                               last.outcome)
+                               last.outcome, replicas.canary_running())
                 if trigger:
                     last = run_cycle(config, replicas, trigger, classifier)
                     last_run = time.monotonic()
@@ -53,11 +53,15 @@ def run_tuner(config: TunerConfig, once: bool = False, classifier: str = "") -> 
         replicas.close()
 
 
-def _due(config: TunerConfig, requested: bool, new: int, since_last_run: float, last_outcome: str) -> str | None:
+def _due(config: TunerConfig, requested: bool, new: int, since_last_run: float, last_outcome: str,
+         canary: bool = False) -> str | None:
     """What starts a run now, if anything: a request; else `new` ratings (beyond those the last run kept and judged
-    too few) reaching the threshold, or the timer with at least one. A failed run is retried only after a pause."""
+    too few) reaching the threshold, or the timer with at least one. A failed run is retried only after a pause, and
+    none starts by itself while a canary runs: its live ratings decide first (a new candidate would end it)."""
     if requested:
         return "requested"
+    if canary:
+        return None
     if last_outcome == "failed" and since_last_run < config.retry_seconds:
         return None  # the same data would fail again at once
     if new >= config.min_new_ratings:

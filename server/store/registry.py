@@ -11,6 +11,7 @@ import sqlite_utils
 from instructd.v1 import instructd_pb2 as pb
 
 from ..auth import Principal
+from ..canary import CanaryOutcome, CanaryRecord, Tally
 from ..domain import Audit
 from ..errors import FailedPrecondition, NotFound
 from ..records import AdapterRecord, AdapterStatus, message_to_json
@@ -94,3 +95,55 @@ class RegistryTables(StoreBase):
                  ORDER BY p.id DESC LIMIT 1"""
         rows = await self._read(lambda db: db.execute(sql, [current]).fetchall())
         return rows[0][0] if rows else 0
+
+    async def start_canary(self, version: int, incumbent: int, share: float, actor: Principal) -> CanaryRecord:
+        """Records that `version` serves a share of users beside `incumbent` (ending any canary still running)."""
+
+        def write(db: sqlite_utils.Database) -> CanaryRecord:
+            _end_canaries(db, CanaryOutcome.ENDED, actor)
+            row = {"version": version, "incumbent": incumbent, "share": share, "started_at": utc_now()}
+            canary_id = db["canaries"].insert({**row, "ended_at": "", "outcome": ""}).last_pk
+            db["adapters"].update(version, {"status": AdapterStatus.CANARY.stored})
+            audit(db, actor, Audit.CANARY_STARTED, f"v{version} beside v{incumbent}, {share:.0%} of users")
+            return CanaryRecord(canary_id, **row)
+
+        return await self._write(write)
+
+    async def end_canary(self, outcome: CanaryOutcome, actor: Principal) -> None:
+        """Ends the canary that runs, if any. Its candidate goes back to registered, or to rolled back when it was
+        clearly worse; a promoted one is marked by record_promotion."""
+        await self._write(lambda db: _end_canaries(db, outcome, actor))
+
+    async def active_canary(self) -> CanaryRecord | None:
+        rows = await self._read(lambda db: list(db["canaries"].rows_where("outcome = ''", order_by="id DESC")))
+        if not rows:
+            return None
+        r = rows[0]
+        return CanaryRecord(r["id"], r["version"], r["incumbent"], r["share"], r["started_at"])
+
+    async def canary_tally(self, canary: CanaryRecord) -> tuple[Tally, set[str]]:
+        """Ratings of the answers the candidate and the incumbent gave since the canary started, and the users the
+        candidate answered."""
+        ratings = """SELECT e.adapter_version, f.rating, COUNT(*) FROM exchanges e
+                     JOIN feedback f ON f.response_id = e.id
+                     WHERE e.created_at >= ? AND e.adapter_version IN (?, ?) GROUP BY 1, 2"""
+        users = """SELECT DISTINCT user_id FROM exchanges
+                   WHERE created_at >= ? AND adapter_version = ? AND user_id != ''"""
+
+        def read(db: sqlite_utils.Database) -> tuple[Tally, set[str]]:
+            counts = {(v, r): n for v, r, n in db.execute(ratings, [canary.started_at, canary.version,
+                                                                     canary.incumbent])}
+            exposed = {u for (u,) in db.execute(users, [canary.started_at, canary.version])}
+            return Tally(counts.get((canary.version, "up"), 0), counts.get((canary.version, "down"), 0),
+                         counts.get((canary.incumbent, "up"), 0), counts.get((canary.incumbent, "down"), 0)), exposed
+
+        return await self._read(read)
+
+
+def _end_canaries(db: sqlite_utils.Database, outcome: CanaryOutcome, actor: Principal) -> None:
+    for row in list(db["canaries"].rows_where("outcome = ''")):
+        db["canaries"].update(row["id"], {"ended_at": utc_now(), "outcome": outcome.value})
+        if outcome is not CanaryOutcome.PROMOTED:
+            status = AdapterStatus.ROLLED_BACK if outcome is CanaryOutcome.ROLLED_BACK else AdapterStatus.REGISTERED
+            db["adapters"].update(row["version"], {"status": status.stored})
+        audit(db, actor, Audit.CANARY_ENDED, f"v{row['version']} {outcome.value}")

@@ -89,8 +89,14 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db["settings"].create({"name": str, "value": str}, pk="name")
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Canaries: a candidate serving a share of users until their ratings decide (outcome empty while it runs)."""
+    db["canaries"].create({"id": int, "version": int, "incumbent": int, "share": float, "started_at": str,
+                           "ended_at": str, "outcome": str}, pk="id")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4,
-                                                             _migration_5]
+                                                             _migration_5, _migration_6]
 
 
 def open_db(path: Path) -> sqlite_utils.Database:

@@ -116,6 +116,8 @@ def test_a_run_starts_on_request_on_enough_new_ratings_or_on_the_timer(tmp_path)
     assert _due(config, False, 500, 301, "failed") == "threshold"   # ...not at once
     assert _due(config, False, 1, 601, "promoted") == "period"
     assert _due(config, False, 0, 601, "promoted") is None
+    assert _due(config, False, 500, 601, "promoted", canary=True) is None  # the canary's live ratings decide first
+    assert _due(config, True, 0, 0, "promoted", canary=True) == "requested"
 
 
 def test_the_suite_catches_a_ten_point_loss_nine_times_in_ten():
