@@ -261,9 +261,14 @@ class AdapterRouter:
             await self._stop_canary(canary, CanaryOutcome.EXPIRED)
 
     async def _promote_canary(self, canary: Canary) -> None:
+        async def still_running(current: int) -> int:  # checked under the swap's lock
+            if self._canary is not canary:
+                raise Conflict("the canary ended meanwhile")
+            return canary.record.version
+
         try:
-            await self.promote(canary.record.version, canary.record.incumbent, SERVER)
-        except Conflict:  # an operator promoted or rolled back in between: that ended the canary already
+            await self._swap(still_running, canary.record.incumbent, "promote", SERVER)
+        except Conflict:  # an operator promoted, rolled back or started a canary in between: that ended this one
             pass
 
     async def _stop_canary(self, canary: Canary, outcome: CanaryOutcome) -> None:
