@@ -7,6 +7,7 @@ import enum
 import hashlib
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from instructd.v1 import instructd_pb2 as pb
 
@@ -18,7 +19,7 @@ class CanaryMode(enum.Enum):
 
 
 class CanaryOutcome(enum.Enum):
-    """How a canary ended (stored by name, lowercase)."""
+    """How a canary ended (stored as its value)."""
 
     PROMOTED = "promoted"        # its ratings (or an operator) promoted the candidate
     ROLLED_BACK = "rolled_back"  # clearly worse: the incumbent stays, the candidate is never routed to again
@@ -74,13 +75,13 @@ class Tally:
 class CanaryRule:
     """A Bayesian beta-binomial rule, looked at after every rating. Each version's 👍 rate has a Beta(1 + up,
     1 + down) posterior; d = candidate's rate minus the incumbent's, approximated as normal. Once both versions have
-    `min_ratings` ratings, the candidate is clearly worse when P(d < 0) ≥ `confidence`, and clearly no worse when
-    P(d > -margin) ≥ `confidence` (worse is checked first).
+    `min_ratings` ratings, the candidate is clearly worse when P(d < 0) ≥ `rollback_confidence`, and clearly no worse
+    when P(d > -margin) ≥ `promote_confidence` (worse is checked first).
 
     Error rates, with looks after every rating up to 200 candidate ratings and the incumbent rated 9× as often
-    (a 10% share), measured by `tests/server/test_canary.py::test_the_rule_s_error_rates` (2,000 simulated canaries
-    each, 👍 rates around 0.5): a candidate as good as the incumbent is rolled back at most 5% of the time (false
-    rollback), and one 10 points worse is promoted at most 5% of the time (false promotion)."""
+    (a 10% share), 👍 rates around 0.5, 1,000 simulated canaries each: a candidate as good as the incumbent is rolled
+    back about 3% of the time (false rollback), and one 10 points worse is promoted under 1% of the time (false
+    promotion). `tests/server/test_canary.py::test_the_rule_s_error_rates` holds both under 5%."""
 
     min_ratings: int = 30
     margin: float = 0.05
@@ -108,5 +109,4 @@ def _beta(up: int, down: int) -> tuple[float, float]:
     return a / (a + b), a * b / ((a + b) ** 2 * (a + b + 1))
 
 
-def _phi(z: float) -> float:
-    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+_phi = NormalDist().cdf
