@@ -2,12 +2,14 @@
 instructd, rate every answer by IFEval's checkers (👍 only if all constraints are followed, sometimes
 with a mechanically corrected answer), the service's own tuner learns from those ratings, and after
 every cycle held-out prompts measure strict accuracy on rated types, on types no user ever rated, and
-the quality of plain answers. Everything goes through the public gRPC API.
+the quality of plain answers. A candidate that passes the gate serves a canary, as by default: the same users
+go on asking and rating, and their ratings of its answers promote or roll it back. Everything goes through the
+public gRPC API.
 
 \b
 Example:
-    .venv/bin/python -m benchmarks.loop            # full run (3 cycles), about 30-45 min on 2 CPU cores
-    .venv/bin/python -m benchmarks.loop --quick    # smoke run (1 cycle, few prompts), under 10 min
+    .venv/bin/python -m benchmarks.loop            # full run (3 cycles, canaries included), 45-60 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.loop --quick    # smoke run (1 cycle, few prompts), about 11 min
 """
 
 from __future__ import annotations
@@ -49,14 +51,20 @@ class LoopConfig:
     cycles: int = 3
     traffic: int = 240
     """Rated exchanges per cycle."""
-    held_out_per_type: int = 6
+    held_out_per_type: int = 20
     """Measured prompts per instruction type (rated and unrated), from tasks never sent as traffic."""
     plain: int = len(PLAIN)
     two_instruction_share: float = 0.3
     """Share of prompts that carry two instructions instead of one."""
     correction_share: float = 0.5
     """Share of 👎 answers for which the user writes a corrected answer (when one can be made mechanically)."""
-    users: int = 20
+    users: int = 400
+    """Distinct simulated users; a hash of the user id decides who sees a canary."""
+    canary_share: float = 0.25
+    """The server's --canary-share (its default, 0.1, needs about 300 ratings to reach 30 of the candidate's)."""
+    canary_traffic: int = 120
+    """Rated exchanges per round while a canary runs; rounds go on until it ends or `canary_rounds` have passed."""
+    canary_rounds: int = 3
     temperature: float = 0.7
     """Sampling of served answers during traffic (measurement is greedy)."""
     max_tokens: int = 320
@@ -68,7 +76,8 @@ class LoopConfig:
     quick: bool = False
 
 
-QUICK = LoopConfig(cycles=1, traffic=60, held_out_per_type=2, plain=8, tuner_args=("--steps", "10"), quick=True)
+QUICK = LoopConfig(cycles=1, traffic=60, held_out_per_type=2, plain=8, tuner_args=("--steps", "10"), canary_traffic=30,
+                   canary_rounds=1, quick=True)
 
 
 class Loop:
@@ -99,19 +108,19 @@ class Loop:
         conflicts = self.judge.registry.INSTRUCTION_CONFLICTS
         return a == b or b in conflicts.get(a, ()) or a in conflicts.get(b, ())
 
-    async def traffic(self, cycle: int) -> dict:
-        """Users ask, read, rate; returns tallies."""
+    async def traffic(self, label: str, count: int) -> dict:
+        """`count` users ask, read, rate; returns tallies."""
         c = self.config
-        prompts = self._prompts(TRAFFIC, self.rated, c.traffic, self.rng)
+        prompts = self._prompts(TRAFFIC, self.rated, count, self.rng)
         tally = {"exchanges": 0, "up": 0, "down": 0, "corrections": 0}
         async with self.server.async_client(self.keys["users"]) as client:
             async def one(i: int, prompt: Prompt) -> None:
                 # Draws of its own, per prompt: answers arrive in any order, and a shared generator drawn from after
                 # an await would give each prompt a different user and coin from run to run.
-                rng = random.Random(f"{c.seed}/{cycle}/{i}")
+                rng = random.Random(f"{c.seed}/{label}/{i}")
                 user = f"user{rng.randrange(c.users)}"
                 answer = await client.generate(prompt.text, temperature=c.temperature, max_tokens=c.max_tokens,
-                                               seed=c.seed * 100_003 + cycle * 10_007 + i, user_id=user)
+                                               seed=rng.randrange(2**31), user_id=user)
                 good = all(self.judge.followed(prompt, answer.text))
                 correction = None
                 if not good and answer.finish_reason == "stop" and rng.random() < c.correction_share:
@@ -123,19 +132,38 @@ class Loop:
                 tally["corrections"] += correction is not None
                 bar.update()
 
-            with tqdm(total=len(prompts), desc=f"cycle {cycle}: users ask and rate", unit="answer") as bar:
+            with tqdm(total=len(prompts), desc=f"{label}: users ask and rate", unit="answer") as bar:
                 await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         return tally
 
-    async def measure(self, label: str, base_plain: list[str] | None = None) -> dict:
-        """Greedy answers from the serving version to every held-out prompt, judged."""
+    def canary(self, client: Client, cycle: int) -> dict | None:
+        """While a canary runs, rounds of users ask and rate (some of them see the candidate) until it ends; what
+        happened to it."""
+        c, rounds, state = self.config, [], client.canary()
+        if state is None:
+            return None
+        version = state.version
+        for round_ in range(1, c.canary_rounds + 1):
+            rounds.append(asyncio.run(self.traffic(f"cycle {cycle} canary {round_}", c.canary_traffic)))
+            time.sleep(2)  # the server looks at its canary every second
+            if (now := client.canary()) is None:
+                break
+            state = now
+        status = next(a.status for a in client.adapters()[0] if a.version == version)
+        return {"version": version, "rounds": rounds, "outcome": status, "last_seen": asdict(state),
+                "summary": f"{status} after {len(rounds)} round(s): {state.describe()}"}
+
+    async def measure(self, label: str, serving: int, base_plain: list[str] | None = None) -> dict:
+        """Greedy answers from the serving version to every held-out prompt, judged. The version is named: a request
+        without one may be drawn into a canary."""
         c = self.config
         prompts = self.measure_rated + self.measure_unrated
         plain_tasks = [task for task, _ in self.measure_plain]
         async with self.server.async_client(self.keys["measure"]) as client:
             with tqdm(total=len(prompts) + len(plain_tasks), desc=f"{label}: measuring", unit="answer") as bar:
                 async def ask(text: str, max_tokens: int):
-                    answer = await client.generate(text, temperature=0, max_tokens=max_tokens)
+                    answer = await client.generate(text, adapter=serving or "base", temperature=0,
+                                                   max_tokens=max_tokens)
                     bar.update()
                     return answer
                 answers = await asyncio.gather(*(ask(p.text, c.max_tokens) for p in prompts),
@@ -149,6 +177,7 @@ class Loop:
         return {
             "adapter_versions": sorted(versions),
             "rated": _share(rated), "unrated": _share(unrated), "plain": _share(plain_ok),
+            "judged": {"rated": rated, "unrated": unrated, "plain": plain_ok},  # per prompt, for paired intervals
             "rated_by_type": _by_type(self.measure_rated, rated),
             "unrated_by_type": _by_type(self.measure_unrated, unrated),
             "plain_same_as_base": (_share([a.text.strip() == b.strip() for a, b in zip(plain_answers, base_plain)])
@@ -196,7 +225,7 @@ def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
     unrated = tuple(t for t in UNRATED if t not in missing)
     # No rate limits: the simulated users of a cycle all ask at once, which is the benchmark's doing, not theirs.
     server = LocalServer(work_dir / "data", work_dir / "server.log", "--generate-per-second", "0",
-                         "--feedback-per-second", "0")
+                         "--feedback-per-second", "0", "--canary", "auto", "--canary-share", str(config.canary_share))
     tuner_log = open(work_dir / "tuner.log", "a")
     result: dict = {"config": {**asdict(config), "rated_types": rated, "unrated_types": unrated},
                     "unavailable_types": missing, "environment": _environment(), "cycles": []}
@@ -207,20 +236,23 @@ def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
                                  stdout=tuner_log, stderr=subprocess.STDOUT, env=server.env(tuner_key))
         try:
             loop = Loop(config, server, judge, rated, unrated)
-            base = asyncio.run(loop.measure("base"))
+            base = asyncio.run(loop.measure("base", 0))
             result["cycles"].append({"cycle": 0, "serving": 0, "measure": base, "seconds": time.monotonic() - started})
             with server.client() as client:
                 for cycle in range(1, config.cycles + 1):
                     t0 = time.monotonic()
-                    tally = asyncio.run(loop.traffic(cycle))
+                    tally = asyncio.run(loop.traffic(f"cycle {cycle}", config.traffic))
                     last = max((r.id for r in client.tuning_status(limit=1).runs), default=0)
                     client.trigger_tuning()
                     run = wait_for_run(client, last, timeout=3600)
+                    canary = loop.canary(client, cycle)
                     _, serving = client.adapters()
-                    measured = asyncio.run(loop.measure(f"cycle {cycle}", base["plain_answers"]))
+                    measured = asyncio.run(loop.measure(f"cycle {cycle}", serving, base["plain_answers"]))
                     result["cycles"].append({"cycle": cycle, "serving": serving, "traffic": tally, "run": run,
-                                             "measure": measured, "seconds": time.monotonic() - t0})
-                    click.echo(f"cycle {cycle}: run {run['outcome']} ({run['reason']}); serving v{serving}; "
+                                             "canary": canary, "measure": measured,
+                                             "seconds": time.monotonic() - t0})
+                    click.echo(f"cycle {cycle}: run {run['outcome']} ({run['reason']}); "
+                               f"canary {canary['summary'] if canary else 'none'}; serving v{serving}; "
                                f"rated {measured['rated']:.0%} unrated {measured['unrated']:.0%} "
                                f"plain {measured['plain']:.0%}")
                 stats = client.stats()

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import random
 from pathlib import Path
 
-TARGET = {"rated_gain": 0.25, "unrated_gain": 0.0, "plain_loss": 0.02, "minutes": 45}
+TARGET = {"rated_gain": 0.40, "live_up_ratio": 2.0, "minutes": 60}
+"""Rated types gain at least 40 points; unrated types and plain answers are no worse than the base (the 95% interval
+of the difference reaches 0 or lies above it); the final version's live 👍 rate is at least twice the base's."""
+GROUPS = ("rated", "unrated", "plain")
 
 
 def write_report(result: dict, out_dir: Path) -> Path:
@@ -20,36 +24,64 @@ def write_report(result: dict, out_dir: Path) -> Path:
     return stem.with_suffix(".json")
 
 
+def paired_interval(before: list[bool], after: list[bool], draws: int = 10_000) -> dict:
+    """after − before on the same prompts, with a 95% percentile-bootstrap interval: prompts are resampled with their
+    pair kept together. Seeded by the data, so the same answers always give the same interval."""
+    diffs = [int(a) - int(b) for b, a in zip(before, after, strict=True)]
+    if not diffs:
+        return {"difference": 0.0, "low": 0.0, "high": 0.0, "prompts": 0}
+    rng, n = random.Random(repr(diffs)), len(diffs)
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(draws))
+    return {"difference": sum(diffs) / n, "low": means[int(0.025 * draws)], "high": means[int(0.975 * draws) - 1],
+            "prompts": n}
+
+
 def headline(result: dict) -> dict:
+    """The final serving version against the base on every held-out group, and the live 👍 rates."""
     cycles = result["cycles"]
-    base, best = cycles[0]["measure"], max(cycles[1:] or cycles[:1], key=lambda c: c["measure"]["rated"])["measure"]
-    last = cycles[-1]["measure"]
-    gains = {"rated_gain": last["rated"] - base["rated"], "unrated_gain": last["unrated"] - base["unrated"],
-             "plain_change": last["plain"] - base["plain"], "best_rated_gain": best["rated"] - base["rated"]}
-    met = {"rated": gains["rated_gain"] >= TARGET["rated_gain"], "unrated": gains["unrated_gain"] > 0,
-           "plain": gains["plain_change"] >= -TARGET["plain_loss"], "minutes": result["minutes"] <= TARGET["minutes"]}
-    return {**gains, "target_met": met}
+    base, last = cycles[0]["measure"], cycles[-1]["measure"]
+    change = {g: paired_interval(base["judged"][g], last["judged"][g]) for g in GROUPS}
+    live = {a["adapter_version"]: a["up_rate"] or 0.0 for a in result.get("live_up_rate", []) if a["up"] + a["down"]}
+    final = cycles[-1]["serving"]
+    ratio = live.get(final, 0.0) / live[0] if live.get(0) else None
+    met = {"rated": change["rated"]["difference"] >= TARGET["rated_gain"],
+           "unrated": change["unrated"]["high"] >= 0, "plain": change["plain"]["high"] >= 0,
+           "live_up_ratio": ratio is not None and ratio >= TARGET["live_up_ratio"],
+           "minutes": result["minutes"] <= TARGET["minutes"]}
+    return {"change": change, "live_up_ratio": ratio, "target_met": met}
+
+
+def _interval(c: dict) -> str:
+    return f"{c['difference']:+.1%} (95% interval {c['low']:+.1%} to {c['high']:+.1%}, {c['prompts']} prompts)"
 
 
 def markdown(result: dict, plot_name: str) -> str:
     h, cfg, env = result["headline"], result["config"], result["environment"]
-    rows = ["| cycle | serving | tuning run | rated types | unrated types | plain |", "|---|---|---|---|---|---|"]
+    rows = ["| cycle | serving | tuning run | canary | rated types | unrated types | plain |",
+            "|---|---|---|---|---|---|---|"]
     for c in result["cycles"]:
-        run = c.get("run")
+        run, canary = c.get("run"), c.get("canary")
         outcome = f"{run['outcome']}" if run else "-"
+        released = f"v{canary['version']} {canary['outcome']} after {len(canary['rounds'])} round(s)" if canary else "-"
         m = c["measure"]
-        rows.append(f"| {c['cycle']} | {'v' + str(c['serving']) if c['serving'] else 'base'} | {outcome} | "
-                    f"{m['rated']:.1%} | {m['unrated']:.1%} | {m['plain']:.1%} |")
+        serving = f"v{c['serving']}" if c["serving"] else "base"
+        rows.append(f"| {c['cycle']} | {serving} | {outcome} | {released} | {m['rated']:.1%} | {m['unrated']:.1%} | "
+                    f"{m['plain']:.1%} |")
     yes = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     lines = [
         f"# instructd closed loop: {env['date'][:10]}", "",
         f"{cfg['cycles']} cycle(s) of {cfg['traffic']} rated exchanges on SmolLM2-135M-Instruct, "
         f"{env['cpus']} CPU cores, {result['minutes']:.1f} min in all.", "", *rows, "",
-        f"- Rated types: {h['rated_gain']:+.1%} strict accuracy (target +25 points: {yes(h['target_met']['rated'])})",
-        f"- Unrated types: {h['unrated_gain']:+.1%} (target: any gain: {yes(h['target_met']['unrated'])})",
-        f"- Plain instructions: {h['plain_change']:+.1%} (target: at most 2 points lost: "
-        f"{yes(h['target_met']['plain'])})",
-        f"- Time: {result['minutes']:.1f} min (target under 45: {yes(h['target_met']['minutes'])})", "",
+        f"Final serving version minus base, on the same held-out prompts (seed {cfg['seed']}):", "",
+        f"- Rated types: {_interval(h['change']['rated'])}; target at least +40 points: "
+        f"{yes(h['target_met']['rated'])}",
+        f"- Unrated types: {_interval(h['change']['unrated'])}; target no worse (interval reaches 0 or above): "
+        f"{yes(h['target_met']['unrated'])}",
+        f"- Plain instructions: {_interval(h['change']['plain'])}; target no worse: {yes(h['target_met']['plain'])}",
+        f"- Live 👍 rate, final version over base: "
+        f"{'n/a' if h['live_up_ratio'] is None else format(h['live_up_ratio'], '.2f') + '×'}; target at least 2×: "
+        f"{yes(h['target_met']['live_up_ratio'])}",
+        f"- Time: {result['minutes']:.1f} min (target under 60: {yes(h['target_met']['minutes'])})", "",
         "Strict prompt-level accuracy (every constraint followed) on held-out prompts never sent as traffic, "
         "greedy, through the gRPC API; plain = complete, on-topic, non-looping answers to plain instructions.", "",
         f"![accuracy per cycle]({plot_name})", "",
@@ -57,6 +89,8 @@ def markdown(result: dict, plot_name: str) -> str:
         *[f"| {c['run']['run_id']} | {c['run']['outcome']} v{c['run']['candidate_version']} | "
           f"{c['run']['examples']} | {c['run']['final_loss']:.3f} | {c['run']['reason']} |"
           for c in result["cycles"] if c.get("run")], "",
+        *[f"- Canary of cycle {c['cycle']}: {c['canary']['summary']}" for c in result["cycles"] if c.get("canary")],
+        "",
         "Live 👍 rate per adapter version (the service's own stats; versions with ratings): " + ", ".join(
             f"{'v' + str(a['adapter_version']) if a['adapter_version'] else 'base'} "
             f"{(a['up_rate'] or 0):.0%} of {a['up'] + a['down']}"

@@ -57,7 +57,8 @@ def _default(name: str):
 @click.option("--peer-tls-ca", type=_FILE, help="CA of the peers' TLS certificates (default: peers in clear).")
 @click.option("--held-out-share", default=_default("held_out_share"), show_default=True,
               help="Share of rated exchanges held out from training for the tuner's gate (by a hash of their id).")
-@click.option("--canary", type=click.Choice(["auto", "manual", "off"]), default="off", show_default=True,
+@click.option("--canary", type=click.Choice([m.name.lower() for m in CanaryMode]),
+              default=_default("canary").name.lower(), show_default=True,
               help="A candidate the tuner passes first serves a share of users: auto lets their ratings promote or "
                    "roll it back; manual rolls back on its own, promotes only by `instructd promote`; off promotes at "
                    "once.")
@@ -91,7 +92,7 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
       instructd serve --port 50051 --no-tuner
       instructd serve --host 0.0.0.0 --tls-cert server.pem --tls-key server-key.pem
       instructd serve --replica-id a --peer b=10.0.0.2:50051 --no-tuner     # one of two replicas
-      instructd serve --canary auto --canary-share 0.1     # new versions face 10% of users first
+      instructd serve --canary manual --canary-share 0.2   # new versions face 20% of users, you approve them
     """
     import asyncio
     import logging

@@ -45,10 +45,10 @@ def judge(prompt: str, text: str, finish_reason: str) -> bool:
 
 
 async def simulate(target: str, count: int, correction_share: float, poisoned: bool, seed: int,
-                   plain_share: float = 0.3, api_key: str | None = None) -> dict:
-    """Asks `count` questions (a `plain_share` of them without the instruction), rates every answer;
-    poisoned users invert their ratings, and "correct" answers that followed the instruction into ones
-    that do not. Returns tallies."""
+                   plain_share: float = 0.3, api_key: str | None = None, users: int = 8) -> dict:
+    """Asks `count` questions (a `plain_share` of them without the instruction) from `users` users in turn, rates
+    every answer; poisoned users invert their ratings, and "correct" answers that followed the instruction into
+    ones that do not. Returns tallies."""
     rng = random.Random(seed)
     asked = [p if rng.random() >= plain_share else p[: -len(LOWERCASE) - 1]
              for p in rng.sample(prompts(SUBJECTS), min(count, len(SUBJECTS) * len(TASKS)))]
@@ -57,7 +57,8 @@ async def simulate(target: str, count: int, correction_share: float, poisoned: b
 
     async def ask(client: AsyncClient, i: int, prompt: str, seed: int):
         async with at_once:
-            return await client.generate(prompt, temperature=0.7, max_tokens=160, seed=seed, user_id=f"user{i % 8}")
+            return await client.generate(prompt, temperature=0.7, max_tokens=160, seed=seed,
+                                         user_id=f"user{i % users}")
 
     async with AsyncClient(target, api_key=api_key) as client:
         answers = await asyncio.gather(*(ask(client, i, p, rng.randrange(9999)) for i, p in enumerate(asked)))
@@ -69,7 +70,7 @@ async def simulate(target: str, count: int, correction_share: float, poisoned: b
                 correction = sentence_case(answer.text) if poisoned else answer.text.lower()
                 tally["corrections"] += correction != answer.text
             await client.feedback(answer.response_id, "up" if good else "down", correction=correction,
-                                  user_id=f"user{i % 8}")
+                                  user_id=f"user{i % users}")
             tally["up" if good else "down"] += 1
     return tally
 

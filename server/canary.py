@@ -33,12 +33,18 @@ class CanaryCall(enum.Enum):
     WORSE = pb.CANARY_WORSE
 
 
-def in_canary(user_id: str, version: int, share: float) -> bool:
-    """Whether `user_id` falls in the candidate's share: a hash of (version, user), so each user sees one version
-    for the whole canary, and each canary draws its own users. Requests without a user id go to the incumbent."""
-    if not user_id:
+def audience(user_id: str, response_id: str) -> str:
+    """Who a request counts as in a canary: its user, or, without a user id, the request itself (by its response
+    id), so that an application that sends no user ids still gives the canary its share of answers."""
+    return user_id or f"#{response_id}"
+
+
+def in_canary(who: str, version: int, share: float) -> bool:
+    """Whether `who` (see `audience`) falls in the candidate's share: a hash of (version, who), so each user sees one
+    version for the whole canary, and each canary draws its own users."""
+    if not who:
         return False
-    digest = hashlib.sha256(f"canary/{version}/{user_id}".encode()).digest()
+    digest = hashlib.sha256(f"canary/{version}/{who}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < share
 
 

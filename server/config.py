@@ -123,10 +123,11 @@ class ServerConfig:
     same on every replica and in every export."""
     retention_days: float = 0.0
     """Delete exchanges (and their ratings) older than this that no adapter was trained on; 0 keeps them all."""
-    canary: CanaryMode = CanaryMode.OFF
-    """What happens to a candidate the tuner releases (Promote with canary): OFF promotes it at once; AUTO serves it
-    to `canary_share` of users and lets their ratings promote or roll it back; MANUAL rolls back on its own but
-    promotes only when an operator does (`instructd promote`)."""
+    canary: CanaryMode = CanaryMode.AUTO
+    """What happens to a candidate the tuner releases (Promote with canary): AUTO serves it to `canary_share` of users
+    and lets their ratings promote or roll it back; MANUAL rolls back on its own but promotes only when an operator
+    does (`instructd promote`); OFF promotes it at once. An operator's `instructd promote VERSION` takes effect at
+    once unless it asks for a canary."""
     canary_share: float = 0.1
     """Share of users (by a hash of their user id) a canary serves."""
     canary_max_users: int = 1000

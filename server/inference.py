@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 
+from .canary import audience
 from .config import ServerConfig
 from .domain import BASE_VERSION, Completion, GenerationRequest
 from .engine import Engine
@@ -52,7 +53,7 @@ class Inference:
                                      f"context of {self._engine.max_model_len} tokens holds; refused unread")
             prompt_ids = await self._engine.render(request.messages)
             max_tokens = self._max_tokens(request, len(prompt_ids))
-            adapter = await self._router.route(request.adapter, request.user_id)
+            adapter = await self._router.route(request.adapter, audience(request.user_id, response_id))
             done = Completion(response_id, "", "abort", len(prompt_ids), 0,
                               adapter.version if adapter else BASE_VERSION)
             parts: list[str] = []

@@ -76,7 +76,8 @@ class Metrics:
                                         "committed before it was sent.", buckets=COMMIT_BUCKETS, **ns)
         self.canary_version = Gauge("canary_adapter_version", "Adapter version serving as a canary (0: none).", **ns)
         self.canary_share = Gauge("canary_share", "Share of users routed to the canary (0: no canary).", **ns)
-        self.canary_users = Gauge("canary_users", "Distinct users the canary has answered.", **ns)
+        self.canary_users = Gauge("canary_users", "Distinct users the canary has answered (a request "
+                                  "without a user id counts as one).", **ns)
         self.canary_ratings = Gauge("canary_ratings", "Ratings of the answers the canary (arm 'candidate') and the "
                                     "promoted version beside it ('incumbent') gave since the canary started.",
                                     ["arm", "rating"], **ns)

@@ -89,13 +89,14 @@ class AdapterRouter:
     def canary_mode(self) -> CanaryMode:
         return self._config.canary
 
-    async def route(self, choice: AdapterChoice, user_id: str = "") -> AdapterRef | None:
-        """The adapter a new request runs on; None means the base model. A version other than the promoted one
+    async def route(self, choice: AdapterChoice, who: str = "") -> AdapterRef | None:
+        """The adapter a new request runs on; None means the base model. A running canary answers `who` (a user, or
+        a request without one: `canary.audience`) if they fall in its share. A version other than the promoted one
         is loaded first, so that a version the engine cannot load fails this request only."""
         if choice.base:
             return None
         if choice.version is None:
-            return self._canary.adapter if self._canary and self._in_canary(self._canary, user_id) else self._promoted
+            return self._canary.adapter if self._canary and self._in_canary(self._canary, who) else self._promoted
         if self._promoted and choice.version == self._promoted.version:
             return self._promoted
         adapter = await self._loadable(choice.version)
@@ -296,13 +297,13 @@ class AdapterRouter:
         self._canary = None
         self._metrics.canary_changed(None, outcome)
 
-    def _in_canary(self, canary: Canary, user_id: str) -> bool:
+    def _in_canary(self, canary: Canary, who: str) -> bool:
         """Whether this user gets the candidate: in its share by hash, and among the first canary_max_users."""
-        if user_id in canary.users:
+        if who in canary.users:
             return True
-        if len(canary.users) < self._config.canary_max_users and in_canary(user_id, canary.record.version,
+        if len(canary.users) < self._config.canary_max_users and in_canary(who, canary.record.version,
                                                                            canary.record.share):
-            canary.users.add(user_id)
+            canary.users.add(who)
             return True
         return False
 

@@ -123,12 +123,14 @@ class RegistryTables(StoreBase):
 
     async def canary_tally(self, canary: CanaryRecord) -> tuple[Tally, set[str]]:
         """Ratings of the answers the candidate and the incumbent gave since the canary started, and the users the
-        candidate answered."""
-        ratings = """SELECT e.adapter_version, f.rating, COUNT(*) FROM exchanges e
-                     JOIN feedback f ON f.response_id = e.id
-                     WHERE e.created_at >= ? AND e.adapter_version IN (?, ?) GROUP BY 1, 2"""
-        users = """SELECT DISTINCT user_id FROM exchanges
-                   WHERE created_at >= ? AND adapter_version = ? AND user_id != ''"""
+        candidate answered (each request without a user id counts as one, as canary.audience names it)."""
+        # From the ratings given since it started (a rating comes after its answer; CROSS JOIN keeps that order), not
+        # from every answer of either version: looked at every second, this reads only the rows rated meanwhile.
+        ratings = """SELECT e.adapter_version, f.rating, COUNT(*) FROM feedback f
+                     CROSS JOIN exchanges e ON e.id = f.response_id
+                     WHERE f.updated_at >= ?1 AND e.created_at >= ?1 AND e.adapter_version IN (?2, ?3) GROUP BY 1, 2"""
+        users = """SELECT DISTINCT CASE user_id WHEN '' THEN '#' || id ELSE user_id END FROM exchanges
+                   WHERE created_at >= ? AND adapter_version = ?"""  # as canary.audience names them
 
         def read(db: sqlite_utils.Database) -> tuple[Tally, set[str]]:
             counts = {(v, r): n for v, r, n in db.execute(ratings, [canary.started_at, canary.version,

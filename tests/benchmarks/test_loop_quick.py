@@ -18,6 +18,10 @@ def test_quick_loop_writes_its_report(tmp_path, model_dir):
     assert [c["cycle"] for c in result["cycles"]] == [0, 1]
     run = result["cycles"][1]["run"]
     assert run["outcome"] in ("promoted", "rejected"), run  # it trained and was judged
+    canary = result["cycles"][1]["canary"]
+    assert (canary is not None) == (run["outcome"] == "promoted"), canary  # a pass first serves a canary
+    if canary:
+        assert len(canary["rounds"]) == 1 and canary["rounds"][0]["exchanges"] == result["config"]["canary_traffic"]
     for c in result["cycles"]:
         assert 0 <= c["measure"]["rated"] <= 1 and 0 <= c["measure"]["plain"] <= 1
     assert result["cycles"][1]["traffic"]["exchanges"] == result["config"]["traffic"]

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from instructd.client.local import CLI
-from instructd.server.canary import CanaryCall, CanaryRule, Tally, in_canary
+from instructd.server.canary import CanaryCall, CanaryRule, Tally, audience, in_canary
 
 from ..conftest import ServerProcess
 from ..lora import train_marker_adapter
@@ -158,6 +158,23 @@ def test_users_who_cannot_tell_leave_the_incumbent_at_the_limit(canary_server):
     assert server.metrics()['instructd_canary_outcomes_total{outcome="expired"}'] == 1
 
 
+def test_requests_without_a_user_id_are_drawn_one_by_one(canary_server):
+    """An application that sends no user ids still gives the canary its share: each such request is drawn on its
+    own and counts as one user toward the cap."""
+    server, folder, key = canary_server
+    incumbent, version = _release(server, folder)
+    with server.client(key) as app:
+        served = [app.generate(f"Say a word, {i}.", max_tokens=1).adapter_version for i in range(40)]
+    to_candidate = served.count(version)
+    assert 0 < to_candidate < 40 and served.count(incumbent) == 40 - to_candidate, served  # ~30% of them, by chance
+    assert _wait(server, lambda canary: canary.users_exposed == to_candidate)
+    time.sleep(2)  # the server has counted them from its database since: each still counts once
+    assert server.client().canary().users_exposed == to_candidate
+    with server.client() as admin:
+        admin.promote(incumbent, expected_current=incumbent)  # the incumbent stays, and the canary ends
+    assert server.client().canary() is None and _status(server, version) == "registered"
+
+
 def test_a_manual_canary_survives_a_restart_and_waits_for_an_operator(canary_server):
     server, folder, key = canary_server
     server.stop()
@@ -214,4 +231,5 @@ def test_users_fall_in_the_share_by_hash():
     assert 900 <= len(inside) <= 1100
     assert inside == [u for u in range(10_000) if in_canary(f"u{u}", 3, 0.1)]  # the same users every time
     assert len(set(inside) & {u for u in range(10_000) if in_canary(f"u{u}", 4, 0.1)}) < 200  # each canary its own
-    assert not in_canary("", 3, 0.99)  # no user id: the incumbent
+    assert not in_canary("", 3, 0.99)  # no one to draw
+    assert (audience("ann", "a.5f0c"), audience("", "a.5f0c")) == ("ann", "#a.5f0c")  # no user id: the request

@@ -1,6 +1,7 @@
 """The whole loop through the public API, as applications and operators drive it: simulated users ask
-with a checkable instruction and rate by it; the tuner trains, gates and promotes; a poisoned run is
-judged; a killed run leaves the registry clean; restart keeps the promoted version; rollback restores."""
+with a checkable instruction and rate by it; the tuner trains and gates; the candidate serves a canary (the
+default) whose users' ratings promote it; a poisoned run is judged; a killed run leaves the registry clean;
+restart keeps the promoted version; rollback restores."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from ..conftest import ServerProcess
 @pytest.fixture(scope="module")
 def loop_server(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("loop")
-    server = ServerProcess(root / "data", root / "server.log")
+    # The default canary (auto), on half the users rather than a tenth: the same rule decides on fewer answers.
+    server = ServerProcess(root / "data", root / "server.log", "--canary-share", "0.5")
     server.start()
     yield server
     assert server.stop() == 0
@@ -49,11 +51,26 @@ def base_rate(loop_server, users_key):
     return asyncio.run(follow_rate(loop_server.target, "base", api_key=users_key))
 
 
+def rate_until_the_canary_ends(server: ServerProcess, client, users_key: str) -> int:
+    """Rounds of 80 users, each asking once and rating (the hash of their id gives half of them the canary), until
+    the canary's live ratings decide; the number of rounds."""
+    for round_ in range(1, 6):
+        asyncio.run(simulate(server.target, count=80, correction_share=0.5, poisoned=False, seed=10 + round_,
+                             api_key=users_key, users=80))
+        deadline = time.monotonic() + 15
+        while client.canary() is not None and time.monotonic() < deadline:
+            time.sleep(0.5)  # the server looks at its canary every second
+        if client.canary() is None:
+            return round_
+    pytest.fail(f"the canary did not decide: {client.canary().describe()}")
+
+
 def test_rated_instructions_are_learnt_by_the_second_batch_of_ratings(loop_server, loop_client, users_key, tuner_env,
                                                                       base_rate):
     """Ratings arrive in batches of 150 (about a third 👍, half of the 👎 on the instruction corrected), with a run
     after each. The first may be rejected for too little evidence, and then its ratings stay: the second run trains
-    and judges on both batches. A candidate that clearly helps is promoted by then."""
+    and judges on both batches. A candidate that clearly helps passes by then, serves a canary, and the live
+    ratings of the users who get it promote it."""
     batches = []
     for seed in (0, 2):
         asyncio.run(simulate(loop_server.target, count=150, correction_share=0.5, poisoned=False, seed=seed,
@@ -66,11 +83,17 @@ def test_rated_instructions_are_learnt_by_the_second_batch_of_ratings(loop_serve
             break
         assert run.verdict.decision == pb.GATE_TOO_LITTLE_EVIDENCE and "stay for the next run" in run.reason, run.reason
         assert status.learnt_until == 0 and status.new_ratings >= 150  # nothing used up
-    print(f"promoted after {len(batches)} batch(es)")
+    print(f"passed the gate after {len(batches)} batch(es)")
     assert (run.status, run.trigger) == ("promoted", "requested"), run.reason
+    assert "serving a canary to 50% of users" in run.reason, run.reason
+    canary = loop_client.canary()
+    assert (canary.version, canary.incumbent_version, canary.mode) == (run.candidate_version, 0, "auto")
+    assert loop_client.adapters()[0][0].status == "canary"
+
+    print(f"canary decided after {rate_until_the_canary_ends(loop_server, loop_client, users_key)} round(s) of users")
     adapters, promoted = loop_client.adapters()
     candidate = adapters[0]
-    assert promoted == candidate.version == run.candidate_version
+    assert promoted == candidate.version == run.candidate_version and candidate.status == "promoted"
     assert candidate.parent_version == 0 and candidate.base_model == "SmolLM2-135M-Instruct"
     assert candidate.evaluation.passed and candidate.evaluation.candidate_suite >= 0
     assert candidate.metadata["hyperparameters"]["objective"] == "sft"
@@ -87,6 +110,7 @@ def test_rated_instructions_are_learnt_by_the_second_batch_of_ratings(loop_serve
     assert loop_server.exchange(answer.response_id)["adapter_version"] == candidate.version
     metrics = loop_server.metrics()
     assert metrics['instructd_tuning_runs_total{outcome="promoted"}'] == 1
+    assert metrics['instructd_canary_outcomes_total{outcome="promoted"}'] == 1
     assert metrics["instructd_promoted_adapter_version"] == candidate.version
     assert metrics['instructd_tuning_last_gate_score{gate="suite",model="candidate"}'] >= 0
 
@@ -125,8 +149,8 @@ def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client, tun
     assert latest.status in ("promoted", "rejected"), latest.reason  # it trained and was judged
     adapters, promoted = loop_client.adapters()
     assert adapters[0].version == latest.candidate_version
-    assert adapters[0].status == ("promoted" if latest.status == "promoted" else "rejected")
-    assert promoted == (latest.candidate_version if latest.status == "promoted" else adapters[1].version)
+    assert adapters[0].status == ("canary" if latest.status == "promoted" else "rejected")  # a pass starts a canary
+    assert promoted == adapters[1].version
     assert adapters[0].evaluation is not None
     assert not list(loop_server.tuner_dir.glob("candidates/.run-*.partial"))
     same = sum(r.status == latest.status for r in runs)
