@@ -12,14 +12,23 @@ from instructd.client.cli import main as cli
 from instructd.server.config import ENV_API_KEY
 
 
+# (rating, correction, max_tokens): a greeting ends at its first punctuation mark (finish "stop") within 16 tokens;
+# the last 👎 answer gets one token, so it is cut off (finish "length"). Greetings left to run on were all cut off at
+# 16 tokens in one run, and the test then had no complete 👎 answer to look for.
+EXCHANGES = [("up", "", 16), ("down", "Hello there, friend!", 16), ("down", "", 16),
+             ("up", "Hi! Nice to meet you.", 16)] * 2 + [("down", "", 1)]
+
+
 @pytest.fixture(scope="module")
 def exported(server, admin, tmp_path_factory):
     _, key = admin.create_key("export-app", "app")
+    finished = {}
     with server.client(key) as app:
-        for i, (rating, correction) in enumerate([("up", ""), ("down", "Hello there, friend!"), ("down", ""),
-                                                  ("up", "Hi! Nice to meet you.")] * 2):
-            answer = app.generate(f"Greet person number {i}.", max_tokens=16, temperature=0, stop=["\n"])
+        for i, (rating, correction, max_tokens) in enumerate(EXCHANGES):
+            answer = app.generate(f"Greet person number {i}.", max_tokens=max_tokens, temperature=0,
+                                  stop=["\n", ".", "!", ","])
             app.feedback(answer.response_id, rating, correction=correction, user_id=f"rater{i}")
+            finished[answer.response_id] = (rating, answer.finish_reason)
     folder = tmp_path_factory.mktemp("export")
     files = {}
     for fmt in ("sft", "kto", "dpo", "openai"):
@@ -28,7 +37,7 @@ def exported(server, admin, tmp_path_factory):
         assert result.exit_code == 0, result.output
         files[fmt] = folder / f"{fmt}.jsonl"
         files[fmt].write_text(result.output)
-    return files
+    return files, finished
 
 
 def _rows(path) -> list[dict]:
@@ -36,11 +45,15 @@ def _rows(path) -> list[dict]:
 
 
 def test_each_format_holds_what_it_should(exported):
-    sft, kto, dpo, openai = (_rows(exported[f]) for f in ("sft", "kto", "dpo", "openai"))
+    files, finished = exported
+    sft, kto, dpo, openai = (_rows(files[f]) for f in ("sft", "kto", "dpo", "openai"))
     assert len(dpo) == 2 and all(r["chosen"][0]["content"] == "Hello there, friend!" for r in dpo)
     assert all(r["messages"][-1]["role"] == "assistant" and "held_out" in r for r in sft)
-    # KTO: every 👍 example of SFT, and the 👎 answers that were not cut off at max_tokens (4 minus those).
-    assert sum(r["label"] for r in kto) == len(sft) and 1 <= sum(not r["label"] for r in kto) <= 4
+    # KTO: every 👍 example of SFT, and the 👎 answers that were not cut off at max_tokens.
+    complete_down = [i for i, (rating, finish) in finished.items() if rating == "down" and finish == "stop"]
+    assert complete_down and ("down", "length") in finished.values()  # both kinds of 👎 are there
+    assert sum(r["label"] for r in kto) == len(sft)
+    assert sorted(r["exchange_id"] for r in kto if not r["label"]) == sorted(complete_down)
     assert all(set(r) == {"messages"} for r in openai)  # OpenAI's files carry nothing else
     assert len(openai) == sum(not r["held_out"] for r in sft)
     assert {r["exchange_id"] for r in sft} <= {r["exchange_id"] for r in kto}
@@ -56,9 +69,9 @@ def test_datasets_load_them_and_trl_trains_on_them(exported, model_dir, tmp_path
                 "save_strategy": "no", "output_dir": str(tmp_path)}
     for fmt, config, trainer in (("sft", SFTConfig, SFTTrainer), ("kto", KTOConfig, KTOTrainer),
                                  ("dpo", DPOConfig, DPOTrainer)):
-        dataset = load_dataset("json", data_files=str(exported[fmt]), split="train")
+        dataset = load_dataset("json", data_files=str(exported[0][fmt]), split="train")
         dataset = dataset.filter(lambda row: not row["held_out"])  # what a trainer should learn from
         result = trainer(model=str(model_dir), args=config(**one_step), train_dataset=dataset,
                          processing_class=tokenizer).train()
         assert result.global_step == 1, fmt
-    assert load_dataset("json", data_files=str(exported["openai"]), split="train").column_names == ["messages"]
+    assert load_dataset("json", data_files=str(exported[0]["openai"]), split="train").column_names == ["messages"]
