@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import platform
@@ -177,10 +178,16 @@ class Loop:
                         answer = await client.generate(text, adapter=serving or "base", temperature=0,
                                                        max_tokens=max_tokens)
                     bar.update()
+                    return Measured(answer.text, answer.finish_reason, answer.adapter_version)
+
+                async def ask_plain(text: str) -> Measured:
+                    async with at_once:
+                        answer = await answer_until_it_loops(client, text, serving, c.plain_max_tokens)
+                    bar.update()
                     return answer
                 answers = await asyncio.gather(*(ask(p.text, c.max_tokens) for p in prompts),
-                                               *(ask(t, c.plain_max_tokens) for t in plain_tasks))
-        versions = {a.adapter_version for a in answers}
+                                               *(ask_plain(t) for t in plain_tasks))
+        versions = {a.adapter_version for a in answers if a.finish_reason != LOOPED}
         judged = [all(self.judge.followed(p, a.text)) for p, a in zip(prompts, answers)]
         rated, unrated = judged[: len(self.measure_rated)], judged[len(self.measure_rated):]
         plain_answers = answers[len(prompts):]
@@ -200,12 +207,47 @@ class Loop:
         }
 
 
+@dataclass(frozen=True)
+class Measured:
+    text: str
+    finish_reason: str
+    """As the server said, or LOOPED: the benchmark stopped reading once the answer's verdict could only be a loop."""
+    adapter_version: int | None
+
+
+LOOPED = "looped"
+
+
+async def answer_until_it_loops(client, text: str, serving: int, max_tokens: int) -> Measured:
+    """A plain answer, streamed, and cancelled as soon as one of its finished sentences has come three times:
+    plain_quality fails it whatever follows (those sentences stay in the whole answer), and loops run to max_tokens,
+    most of a measurement's time otherwise."""
+    parts = []
+    async with contextlib.aclosing(client.stream(text, adapter=serving or "base", temperature=0,
+                                                 max_tokens=max_tokens)) as events:
+        async for event in events:
+            if not isinstance(event, str):
+                return Measured(event.text, event.finish_reason, event.adapter_version)
+            parts.append(event)
+            if "\n" in event or any(mark in event for mark in ".!?"):
+                if _loops(_sentences("".join(parts))[:-1]):  # the last may still grow
+                    return Measured("".join(parts), LOOPED, None)
+    raise RuntimeError("the stream ended without its final answer")
+
+
 def plain_quality(text: str, finish_reason: str, keyword: str) -> bool:
     """A plain instruction is answered well enough if the answer is complete (the model stopped by itself),
     on topic (it names the task's subject), and not degenerate (no sentence repeated three times)."""
-    sentences = [s.strip().lower() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
-    looping = max((sentences.count(s) for s in sentences), default=0) >= 3
-    return finish_reason == "stop" and keyword.lower() in text.lower() and len(text.split()) >= 10 and not looping
+    return (finish_reason == "stop" and keyword.lower() in text.lower() and len(text.split()) >= 10
+            and not _loops(_sentences(text)))
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip().lower() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+
+
+def _loops(sentences: list[str]) -> bool:
+    return max((sentences.count(s) for s in sentences), default=0) >= 3
 
 
 def _share(values: list[bool]) -> float:

@@ -40,6 +40,10 @@ class TunerConfig:
     learning an answer that loops, however rated, teaches the model to loop."""
     blocklist: tuple[str, ...] = ()
     """Case-insensitive phrases; an exchange containing one is never trained on."""
+    rehearsal: int = 40
+    """Plain instructions of the tuner's own (rehearsal.json, 40 of them) the base model answers; one answer per
+    prompt that does not loop is trained on beside the feedback in every run (tuner/rehearsal.py), so that what users
+    did not rate keeps the base's behaviour. 0: train on feedback alone."""
     steps: int = 60
     """Most training steps per run."""
     epochs: float = 3.0
@@ -98,6 +102,8 @@ class TunerConfig:
             raise ValueError("epochs must be positive")
         if min(self.steps, self.batch_size, self.rank, self.max_length, self.min_new_ratings) < 1:
             raise ValueError("steps, batch_size, rank, max_length and min_new_ratings must be positive")
+        if self.rehearsal < 0:
+            raise ValueError("rehearsal must be 0 or more")
         if not self.targets:
             raise ValueError("targets must name at least one server")
         for name in ("work_dir", "model"):
@@ -110,5 +116,5 @@ class TunerConfig:
     def hyperparameters(self) -> dict:
         keys = ("objective", "trainer", "steps", "epochs", "batch_size", "learning_rate", "rank", "lora_alpha",
                 "target_modules", "max_length", "kto_beta", "dpo_beta", "seed", "max_user_share", "max_repetition",
-                "include_older")
+                "include_older", "rehearsal")
         return {k: getattr(self, k) for k in keys}

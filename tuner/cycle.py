@@ -1,5 +1,6 @@
-"""One tuning run, top to bottom: gather ratings from every replica, train a candidate from the serving adapter,
-upload it to every replica, judge it at the gate, then promote it everywhere (compare-and-swap) or reject it."""
+"""One tuning run, top to bottom: gather ratings from every replica, train a candidate from the serving adapter
+(on the feedback and on the base's own answers to rehearsal prompts), upload it to every replica, judge it at the
+gate, then promote it everywhere (compare-and-swap) or reject it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass
 from .config import TunerConfig
 from .dataset import build_dataset, for_objective, load_classifier
 from .evaluate import judge, keeps_ratings
+from .rehearsal import rehearsal_examples
 from .replicas import Replicas
 from .train import train_adapter
 
@@ -46,8 +48,11 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
         candidates_dir = config.work_dir / "candidates"
         candidates_dir.mkdir(parents=True, exist_ok=True)
         partial, out = candidates_dir / f".run-{run.id}.partial", candidates_dir / f"run-{run.id}"
-        lineage = {"run_id": run.id, "base_model": config.model.name, "parent_sha256": serving.sha256 if serving else ""}
-        result = train_adapter(config, data.train, partial, parent, metadata=lineage, progress=run.progress)
+        rehearsal = rehearsal_examples(config)
+        lineage = {"run_id": run.id, "base_model": config.model.name, "parent_sha256": serving.sha256 if serving else "",
+                   "rehearsal": len(rehearsal)}
+        result = train_adapter(config, data.train + rehearsal, partial, parent, metadata=lineage,
+                               progress=run.progress)
         partial.rename(out)
 
         candidates = replicas.upload(out, serving.sha256 if serving else "", {

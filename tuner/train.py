@@ -180,7 +180,7 @@ def write_lineage(out_dir: Path, config: TunerConfig, result: TrainResult, examp
                   metadata: dict | None) -> None:
     """instructd_training.json beside the weights: how the adapter was made and from which exchanges."""
     record = {"hyperparameters": config.hyperparameters(), "result": asdict(result),
-              "exchange_ids": sorted({e.exchange_id for e in examples}), **(metadata or {})}
+              "exchange_ids": sorted({e.exchange_id for e in examples if e.exchange_id}), **(metadata or {})}
     (out_dir / LINEAGE_FILE).write_text(json.dumps(record, indent=1, default=list))
 
 

@@ -98,6 +98,7 @@ def test_rated_instructions_are_learnt_by_the_second_batch_of_ratings(loop_serve
     assert candidate.evaluation.passed and candidate.evaluation.candidate_suite >= 0
     assert candidate.metadata["hyperparameters"]["objective"] == "sft"
     assert len(candidate.metadata["exchange_ids"]) >= 20
+    assert candidate.metadata["rehearsal"] >= 20  # the base's own answers to rehearsal prompts, trained on too
     trained_on = set(candidate.metadata["exchange_ids"])
     assert all(trained_on & batch for batch in batches)  # every batch taught it, the kept one too
 

@@ -1,0 +1,134 @@
+"""Training recipes, side by side on the same ratings: the loop benchmark's simulated users rate the base's answers,
+the tuner's own data selection turns the ratings into training examples, and each recipe trains a candidate from
+the base on them with the tuner's own code; then the base and every candidate answer the loop benchmark's held-out
+prompts through one server, greedily. Every difference (from the base, and between recipes) is paired, with its 95%
+interval. This is the evidence for the tuner's default recipe (rehearsal, tuner/rehearsal.py).
+
+\b
+Example:
+    .venv/bin/python -m benchmarks.recipe            # 480 ratings, 2 recipes: about 45 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.recipe --quick    # smoke run (60 ratings, few prompts, short training)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import click
+
+from instructd.client.local import LocalServer
+from instructd.client.tuning import TuningClient
+from instructd.server.config import ENV_API_KEY, default_cache
+from instructd.server.model import default_model
+from instructd.tuner.config import TunerConfig
+from instructd.tuner.dataset import build_dataset, for_objective
+from instructd.tuner.rehearsal import rehearsal_examples
+from instructd.tuner.train import train_adapter
+
+from .ifeval import Judge
+from .loop import QUICK, RATED, UNRATED, Loop, LoopConfig, _environment
+from .report import GROUPS, paired_interval
+
+RECIPES = {"feedback alone": {"rehearsal": 0}, "feedback + rehearsal (default)": {}}
+"""Name -> TunerConfig fields that differ from the tuner's defaults."""
+
+
+def run_recipes(loop_config: LoopConfig, traffic: int, steps: int | None, out_dir: Path, work_dir: Path) -> Path:
+    judge = Judge()
+    missing = judge.unavailable()
+    rated = tuple(t for t in RATED if t not in missing)
+    unrated = tuple(t for t in UNRATED if t not in missing)
+    server = LocalServer(work_dir / "data", work_dir / "server.log", "--generate-per-second", "0",
+                         "--feedback-per-second", "0")
+    result: dict = {"config": {**asdict(loop_config), "traffic": traffic, "recipes": RECIPES},
+                    "environment": _environment(), "recipes": {}}
+    with server:
+        loop = Loop(loop_config, server, judge, rated, unrated)
+        result["traffic"] = asyncio.run(loop.traffic("users rate the base", traffic))
+        with server.client() as admin:
+            tuner_key = admin.create_key("recipe-tuner", "tuner")[1]
+        os.environ[ENV_API_KEY] = tuner_key  # this process is the tuner now: rehearsal asks the server with its key
+        base_config = TunerConfig(work_dir=work_dir / "tuner", model=default_model(default_cache()),
+                                  targets=(server.target,), **({"steps": steps} if steps else {}))
+        with TuningClient(server.target, api_key=tuner_key) as tuning:
+            data = build_dataset(base_config, list(tuning.export()), [])
+        result["data"] = {"train": len(for_objective(data.train, base_config.objective)),
+                          "dropped": dict(data.dropped)}
+        measured = {"base": asyncio.run(loop.measure("base", 0))}
+        for name, fields in RECIPES.items():
+            config = replace(base_config, **fields)
+            rehearsal = rehearsal_examples(config)
+            out = server.adapter_dir / f"recipe-{len(measured)}"  # where the server registers adapters from
+            trained = train_adapter(config, data.train + rehearsal, out, parent=None)
+            with server.client() as admin:
+                version = admin.register(str(out), metadata={"recipe": name}).version
+            measured[name] = asyncio.run(loop.measure(name, version))
+            result["recipes"][name] = {"fields": fields, "rehearsal_examples": len(rehearsal),
+                                       "train": asdict(trained), "version": version}
+    result["measure"] = {name: {k: m[k] for k in ("rated", "unrated", "plain", "judged")}
+                         for name, m in measured.items()}
+    result["change"] = _changes(measured)
+    return _write(result, out_dir)
+
+
+def _changes(measured: dict) -> dict:
+    """Each recipe minus the base, and each later recipe minus the first, per group, paired by prompt."""
+    names = [n for n in measured if n != "base"]
+    pairs = [(n, "base") for n in names] + [(n, names[0]) for n in names[1:]]
+    return {f"{a} − {b}": {g: paired_interval(measured[b]["judged"][g], measured[a]["judged"][g]) for g in GROUPS}
+            for a, b in pairs}
+
+
+def _write(result: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quick = "-quick" if result["config"]["quick"] else ""
+    stem = out_dir / f"recipe-{datetime.date.today().isoformat()}{quick}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    fmt = lambda c: f"{c['difference']:+.1%} ({c['low']:+.1%} to {c['high']:+.1%})"  # noqa: E731
+    env, data = result["environment"], result["data"]
+    lines = [f"# Training recipes side by side: {env['date'][:10]}", "",
+             f"{result['config']['traffic']} ratings of the base's answers by the loop benchmark's simulated users "
+             f"({result['traffic']['up']} 👍, {result['traffic']['down']} 👎, {result['traffic']['corrections']} "
+             f"corrections) became {data['train']} training examples (dropped: {data['dropped'] or 'none'}); each "
+             f"recipe trained a candidate from the base on them. SmolLM2-135M-Instruct, {env['cpus']} CPU cores.", "",
+             "| version | rated types | unrated types | plain |", "|---|---|---|---|",
+             *[f"| {n} | {m['rated']:.1%} | {m['unrated']:.1%} | {m['plain']:.1%} |"
+               for n, m in result["measure"].items()], "",
+             "| difference (95% interval) | rated types | unrated types | plain |", "|---|---|---|---|",
+             *[f"| {pair} | " + " | ".join(fmt(c[g]) for g in GROUPS) + " |" for pair, c in result["change"].items()],
+             "", "Held-out prompts never sent as traffic, answered greedily through the gRPC API, judged as in "
+             "benchmarks/loop.py; intervals: paired percentile bootstrap over prompts (benchmarks/report.py).", "",
+             *[f"- {n}: {r['rehearsal_examples']} rehearsal examples, {r['train']['examples']} examples in all, "
+               f"{r['train']['steps']} steps, final loss {r['train']['final_loss']:.3f}"
+               for n, r in result["recipes"].items()]]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem.with_suffix(".md")
+
+
+@click.command(help=__doc__)
+@click.option("--quick", is_flag=True, help="Smoke run: 60 ratings, few held-out prompts, 10 training steps.")
+@click.option("--traffic", type=int, help="Rated exchanges (default 480: the loop benchmark's first two cycles).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
+              show_default=True, help="Where recipe-<date>.json and .md are written.")
+@click.option("--seed", default=0, show_default=True)
+def main(quick, traffic, out, seed) -> None:
+    loop_config = replace(QUICK if quick else LoopConfig(), seed=seed)
+    work = Path(tempfile.mkdtemp(prefix="instructd-recipe-"))
+    try:
+        path = run_recipes(loop_config, traffic or (60 if quick else 480), 10 if quick else None, out, work)
+    except BaseException:
+        click.echo(f"benchmark failed; the service's logs are kept in {work}", err=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    click.echo(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
