@@ -262,6 +262,12 @@ def _by_type(prompts: list[Prompt], judged: list[bool]) -> dict[str, float]:
     return {t: _share(v) for t, v in sorted(groups.items())}
 
 
+def instruction_types(judge: Judge) -> tuple[dict, tuple, tuple]:
+    """The types whose checker cannot run here (with why), and the rated and unrated types that can."""
+    missing = judge.unavailable()
+    return (missing, tuple(t for t in RATED if t not in missing), tuple(t for t in UNRATED if t not in missing))
+
+
 def wait_for_run(client: Client, after_id: int, timeout: float) -> dict:
     """Follows the tuner's run after `after_id` (it runs in another process) until it ends; its summary."""
     run = client.follow_run(after_id, timeout)
@@ -274,9 +280,7 @@ def wait_for_run(client: Client, after_id: int, timeout: float) -> dict:
 def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
     started = time.monotonic()
     judge = Judge()
-    missing = judge.unavailable()
-    rated = tuple(t for t in RATED if t not in missing)
-    unrated = tuple(t for t in UNRATED if t not in missing)
+    missing, rated, unrated = instruction_types(judge)
     # No rate limits: the simulated users of a cycle all ask at once, which is the benchmark's doing, not theirs.
     server = LocalServer(work_dir / "data", work_dir / "server.log", "--generate-per-second", "0",
                          "--feedback-per-second", "0", "--canary", "auto", "--canary-share", str(config.canary_share))

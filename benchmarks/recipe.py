@@ -33,7 +33,7 @@ from instructd.tuner.rehearsal import rehearsal_examples
 from instructd.tuner.train import train_adapter
 
 from .ifeval import Judge
-from .loop import QUICK, RATED, UNRATED, Loop, LoopConfig, _environment
+from .loop import QUICK, Loop, LoopConfig, _environment, instruction_types
 from .report import GROUPS, paired_interval
 
 RECIPES = {"feedback alone": {"rehearsal": 0}, "feedback + rehearsal (default)": {}}
@@ -42,9 +42,7 @@ RECIPES = {"feedback alone": {"rehearsal": 0}, "feedback + rehearsal (default)":
 
 def run_recipes(loop_config: LoopConfig, traffic: int, steps: int | None, out_dir: Path, work_dir: Path) -> Path:
     judge = Judge()
-    missing = judge.unavailable()
-    rated = tuple(t for t in RATED if t not in missing)
-    unrated = tuple(t for t in UNRATED if t not in missing)
+    _, rated, unrated = instruction_types(judge)
     server = LocalServer(work_dir / "data", work_dir / "server.log", "--generate-per-second", "0",
                          "--feedback-per-second", "0")
     result: dict = {"config": {**asdict(loop_config), "traffic": traffic, "recipes": RECIPES},

@@ -44,9 +44,10 @@ def rehearsal_examples(config: TunerConfig) -> list[Example]:
     kept = json.loads(cache.read_text()) if cache.exists() else {}
     answers = kept.get(key, {})
     missing = [p for p in prompts if p not in answers]
-    if missing:
-        asked = dict(zip(missing, asyncio.run(_best_answers(config, missing))))
-        answers.update({p: a for p, a in asked.items() if a is not None})
+    asked = {p: a for p, a in zip(missing, asyncio.run(_best_answers(config, missing))) if a is not None} \
+        if missing else {}
+    if asked:  # kept only when something new was answered
+        answers.update(asked)
         config.work_dir.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(".partial")
         partial.write_text(json.dumps({key: answers}, indent=1))
