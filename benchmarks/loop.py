@@ -83,8 +83,8 @@ class LoopConfig:
     quick: bool = False
 
 
-QUICK = LoopConfig(cycles=1, traffic=60, held_out_per_type=2, plain=8, tuner_args=("--steps", "10"), canary_traffic=30,
-                   canary_rounds=1, quick=True)
+QUICK = LoopConfig(cycles=1, traffic=60, held_out_per_type=2, plain=8, canary_traffic=30, canary_rounds=1, quick=True,
+                   tuner_args=("--steps", "10", "--rehearsal", "8"))
 
 
 class Loop:

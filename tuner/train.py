@@ -27,6 +27,8 @@ from instructd.server.chat import ChatTokenizer
 from .config import TunerConfig
 from .dataset import Example, for_objective
 
+PADDING_SLACK = 1.25
+"""A batch's examples run padded together while the padding adds at most a quarter to their tokens."""
 Progress = Callable[[int, int, float], None]  # (step, total_steps, loss)
 
 
@@ -104,7 +106,22 @@ def encode(tokenizer: ChatTokenizer, example: Example, max_length: int) -> tuple
 
 
 def answer_logprobs(model, batch: list[tuple[list[int], list[int]]], device: str) -> torch.Tensor:
-    """Sum of log-probabilities of each example's answer tokens, and their count: shape (n, 2)."""
+    """Sum of log-probabilities of each example's answer tokens, and their count: shape (n, 2), in batch order.
+    Examples of alike length run together: padded to a long one, short ones would cost its length each (a batch of
+    one 512-token and three 120-token examples: 11-13 s per training step on 2 CPU cores padded, 4.5 s grouped)."""
+    groups, group = [], []
+    for i in sorted(range(len(batch)), key=lambda i: len(batch[i][0])):
+        width = len(batch[i][0])  # the longest so far: the group's padded width with it
+        if group and width * (len(group) + 1) > PADDING_SLACK * (width + sum(len(batch[j][0]) for j in group)):
+            groups.append(group)
+            group = []
+        group.append(i)
+    groups.append(group)
+    sums = torch.cat([_padded_logprobs(model, [batch[i] for i in g], device) for g in groups])
+    return sums[torch.argsort(torch.tensor([i for g in groups for i in g], device=sums.device))]
+
+
+def _padded_logprobs(model, batch: list[tuple[list[int], list[int]]], device: str) -> torch.Tensor:
     width = max(len(ids) for ids, _ in batch)
     ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in batch], device=device)
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=device)

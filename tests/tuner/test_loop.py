@@ -142,7 +142,8 @@ def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_c
 
 
 def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client, tuner_env):
-    subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=tuner_env)
+    # Without rehearsal (the first test trained with it): this run is judged on the poisoned ratings alone.
+    subprocess.run(loop_server.tuner_command("--once", "--rehearsal", "0"), check=True, timeout=1200, env=tuner_env)
 
     runs = loop_client.tuning_status().runs
     latest, killed = runs[0], runs[1]

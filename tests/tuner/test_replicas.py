@@ -62,8 +62,10 @@ def test_a_replica_away_is_named_then_caught_up_then_learnt_from(cluster):
             if seed:
                 asyncio.run(simulate(a.target, count=100, correction_share=0.5, poisoned=False, seed=seed,
                                      api_key=keys["users"]))
-            subprocess.run(tuner_command([a.target, b.target], work_dir, "--once"), check=True, timeout=1500,
-                           env=a.env(keys["tuner"]))
+            # No rehearsal: replicas are what this tests (test_loop trains with it), and its answers of up to
+            # 512 tokens lengthen every training batch.
+            subprocess.run(tuner_command([a.target, b.target], work_dir, "--once", "--rehearsal", "0"), check=True,
+                           timeout=1500, env=a.env(keys["tuner"]))
             run = admin_a.tuning_status().runs[0]
             if run.status != "rejected" or run.verdict.decision != pb.GATE_TOO_LITTLE_EVIDENCE:
                 break
@@ -74,7 +76,8 @@ def test_a_replica_away_is_named_then_caught_up_then_learnt_from(cluster):
 
     b.start()  # b returns, still on the base model; the tuner, running on, brings it in step and learns from it
     # Ten steps: this run only has to be judged, not to win (the first one showed learning).
-    follow = subprocess.Popen(tuner_command([a.target, b.target], work_dir, "--poll-seconds", "1", "--steps", "10"),
+    follow = subprocess.Popen(tuner_command([a.target, b.target], work_dir, "--poll-seconds", "1", "--steps", "10",
+                                            "--rehearsal", "0"),
                               env=a.env(keys["tuner"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with b.client() as admin_b:
