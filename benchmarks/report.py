@@ -65,8 +65,8 @@ def markdown(result: dict, plot_name: str) -> str:
         released = f"v{canary['version']} {canary['outcome']} after {len(canary['rounds'])} round(s)" if canary else "-"
         m = c["measure"]
         serving = f"v{c['serving']}" if c["serving"] else "base"
-        rows.append(f"| {c['cycle']} | {serving} | {outcome} | {released} | {m['rated']:.1%} | {m['unrated']:.1%} | "
-                    f"{m['plain']:.1%} |")
+        scores = " | ".join(f"{m[g]:.1%}" if m else "not measured" for g in GROUPS)
+        rows.append(f"| {c['cycle']} | {serving} | {outcome} | {released} | {scores} |")
     yes = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     lines = [
         f"# instructd closed loop: {env['date'][:10]}", "",
@@ -107,11 +107,12 @@ def _plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cycles = [c["cycle"] for c in result["cycles"]]
+    measured = [c for c in result["cycles"] if c["measure"]]
+    cycles = [c["cycle"] for c in measured]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for key, label in (("rated", "rated instruction types"), ("unrated", "unrated types (zero-shot)"),
                        ("plain", "plain instructions (quality)")):
-        ax.plot(cycles, [100 * c["measure"][key] for c in result["cycles"]], marker="o", label=label)
+        ax.plot(cycles, [100 * c["measure"][key] for c in measured], marker="o", label=label)
     ax.set_xlabel("tuning cycle (0: base model)")
     ax.set_ylabel("accuracy on held-out prompts (%)")
     ax.set_xticks(cycles)

@@ -1,11 +1,11 @@
 """The benchmark's intervals: a paired bootstrap of the change on the same prompts covers the true change about 95%
-of the time, and the same answers always give the same interval."""
+of the time, and the same answers always give the same interval; a cycle left unmeasured is reported as such."""
 
 from __future__ import annotations
 
 import random
 
-from benchmarks.report import paired_interval
+from benchmarks.report import paired_interval, write_report
 
 
 def test_the_interval_is_paired_and_reproducible():
@@ -25,3 +25,26 @@ def test_the_interval_covers_the_true_change_about_95_percent_of_the_time():
         c = paired_interval(before, after, draws=1000)
         covered += c["low"] <= 0.15 <= c["high"]
     assert 0.88 <= covered / trials <= 0.995, covered
+
+
+def test_a_cycle_left_unmeasured_is_reported_as_such(tmp_path):
+    def measure(rated: int) -> dict:
+        judged = {"rated": [i < rated for i in range(20)], "unrated": [False] * 20, "plain": [True] * 20}
+        return {"judged": judged, **{g: sum(v) / 20 for g, v in judged.items()}}
+
+    run = {"run_id": 1, "outcome": "promoted", "candidate_version": 1, "examples": 40, "final_loss": 0.5, "reason": "ok"}
+    result = {"config": {"cycles": 2, "traffic": 240, "seed": 3, "quick": False}, "unavailable_types": [],
+              "environment": {"date": "2026-12-02T00:00:00", "cpus": 2}, "minutes": 50.0,
+              "live_up_rate": [{"adapter_version": 0, "up": 2, "down": 8, "up_rate": 0.2},
+                               {"adapter_version": 2, "up": 5, "down": 5, "up_rate": 0.5}],
+              "cycles": [{"cycle": 0, "serving": 0, "measure": measure(2)},
+                         {"cycle": 1, "serving": 1, "run": run, "canary": None, "measure": None},
+                         {"cycle": 2, "serving": 2, "run": {**run, "run_id": 2, "candidate_version": 2},
+                          "canary": None, "measure": measure(12)}]}
+    path = write_report(result, tmp_path)
+    report = path.with_suffix(".md").read_text()
+    assert "| 1 | v1 | promoted | - | not measured | not measured | not measured |" in report
+    assert "| 2 | v2 | promoted | - | 60.0% | 0.0% | 100.0% |" in report
+    assert result["headline"]["change"]["rated"]["difference"] == 0.5  # the last cycle against the base
+    assert result["headline"]["live_up_ratio"] == 2.5
+    assert path.with_suffix(".png").stat().st_size > 10_000
