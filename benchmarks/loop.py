@@ -82,8 +82,8 @@ class LoopConfig:
     seed: int = 0
     quick: bool = False
     measure_every_cycle: bool = False
-    """Measure the version serving after every cycle, not only after the last (each measurement with an adapter
-    serving took about 12 min on 2 CPU cores; the live 👍 rate per version is reported either way)."""
+    """Measure the version serving after every cycle, not only after the last (a measurement with an adapter
+    serving took about 15 min on 2 CPU cores; the live 👍 rate per version is reported either way)."""
 
 
 QUICK = LoopConfig(cycles=1, traffic=60, held_out_per_type=2, plain=8, canary_traffic=30, canary_rounds=1, quick=True,
