@@ -86,8 +86,12 @@ class VllmEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self.base_config = json.loads((model / "config.json").read_text())
+        dtype = engine_dtype(self.base_config, current_platform.is_cpu() and not cpu_has_bf16())
+        if dtype != "auto":
+            log.warning("this CPU has no native bf16 (AVX2 at most): serving %s in %s", model.name, dtype)
         args = AsyncEngineArgs(
-            model=str(model), enable_lora=True, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+            model=str(model), dtype=dtype, enable_lora=True, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
             max_model_len=config.max_model_len, disable_log_stats=False,  # keeps vLLM's Prometheus metrics
             # Whole prefills only: when a seeded request's prefill is chunked, vLLM rewinds its generator, which
             # the CPU generator cannot do ("CPU Generator does not use offset") and the engine dies.
@@ -102,7 +106,6 @@ class VllmEngine:
         self._chat = ChatTokenizer(model)
         self._trial_ids = itertools.count(_TRIAL_LORA_IDS)
         self.max_model_len = self._llm.model_config.max_model_len
-        self.base_config = json.loads((model / "config.json").read_text())
         self.base_name = model.name
 
     async def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -246,6 +249,21 @@ def _bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tenso
         output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
     else:
         output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX on x86): without it, bf16 is emulated."""
+    import torch
+
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def engine_dtype(model_config: dict, emulated_bf16: bool) -> str:
+    """The dtype vLLM serves in: the model's own ("auto"), except a bf16 model where bf16 is emulated, which runs
+    in float32. vLLM takes every x86 CPU for a bf16 one; on 2 AMD EPYC cores with AVX2 only, 32 answers of 64
+    tokens from SmolLM2-135M came at 31 tokens/s in bf16 and 145 in float32."""
+    dtype = model_config.get("dtype", model_config.get("torch_dtype"))
+    return "float32" if emulated_bf16 and dtype == "bfloat16" else "auto"
 
 
 def use_per_adapter_cpu_lora() -> None:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from instructd.server.adapters import LINEAGE_FILE
 from instructd.server.chat import ChatTokenizer
+from instructd.server.engine import cpu_has_bf16
 
 from .config import TunerConfig
 from .dataset import Example, for_objective
@@ -48,10 +49,6 @@ def device_and_dtype() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16
     return "cpu", torch.float32
-
-
-def cpu_has_bf16() -> bool:
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def cpu_autocast(device: str):

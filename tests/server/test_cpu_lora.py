@@ -1,4 +1,5 @@
-"""The per-adapter CPU LoRA ops agree with vLLM's own, and skip tokens that have no adapter."""
+"""The per-adapter CPU LoRA ops agree with vLLM's own, and skip tokens that have no adapter; a CPU that only
+emulates bf16 serves a bf16 model in float32."""
 
 from __future__ import annotations
 
@@ -43,3 +44,13 @@ def test_tokens_without_an_adapter_get_nothing_added():
     out = torch.zeros(len(x), 8)
     engine._bgmv_shrink(x, lora_a, out, idx)
     assert out[::2].abs().sum() == 0 and out[1::2].abs().sum() > 0
+
+
+def test_a_cpu_that_emulates_bf16_serves_a_bf16_model_in_float32(server):
+    assert engine.engine_dtype({"dtype": "bfloat16"}, emulated_bf16=True) == "float32"
+    assert engine.engine_dtype({"torch_dtype": "bfloat16"}, emulated_bf16=True) == "float32"
+    assert engine.engine_dtype({"dtype": "bfloat16"}, emulated_bf16=False) == "auto"
+    assert engine.engine_dtype({"dtype": "float32"}, emulated_bf16=True) == "auto"
+    # The real server on this machine: float32 exactly when its CPU has no native bf16.
+    said = "this CPU has no native bf16" in server.log_path.read_text()
+    assert said == (not engine.cpu_has_bf16())
