@@ -11,7 +11,7 @@ import sys
 def test_quick_loop_writes_its_report(tmp_path, model_dir):
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, "-m", "benchmarks.loop", "--quick", "--out", str(out),
-                           "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, timeout=1200)
+                           "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     (result_path,) = out.glob("loop-*-quick.json")
     result = json.loads(result_path.read_text())

@@ -76,7 +76,7 @@ def test_rated_instructions_are_learnt_by_the_second_batch_of_ratings(loop_serve
         asyncio.run(simulate(loop_server.target, count=150, correction_share=0.5, poisoned=False, seed=seed,
                              api_key=users_key))
         batches.append({e["id"] for e in loop_server.db()["exchanges"].rows}.difference(*batches))
-        subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=1200, env=tuner_env)
+        subprocess.run(loop_server.tuner_command("--once"), check=True, timeout=2400, env=tuner_env)
         status = loop_client.tuning_status()
         run = status.runs[0]
         if run.status != "rejected":
@@ -143,7 +143,7 @@ def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_c
 
 def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client, tuner_env):
     # Without rehearsal (the first test trained with it): this run is judged on the poisoned ratings alone.
-    subprocess.run(loop_server.tuner_command("--once", "--rehearsal", "0"), check=True, timeout=1200, env=tuner_env)
+    subprocess.run(loop_server.tuner_command("--once", "--rehearsal", "0"), check=True, timeout=2400, env=tuner_env)
 
     runs = loop_client.tuning_status().runs
     latest, killed = runs[0], runs[1]

@@ -65,7 +65,7 @@ def test_a_replica_away_is_named_then_caught_up_then_learnt_from(cluster):
             # No rehearsal: replicas are what this tests (test_loop trains with it), and its answers of up to
             # 512 tokens lengthen every training batch.
             subprocess.run(tuner_command([a.target, b.target], work_dir, "--once", "--rehearsal", "0"), check=True,
-                           timeout=1500, env=a.env(keys["tuner"]))
+                           timeout=2400, env=a.env(keys["tuner"]))
             run = admin_a.tuning_status().runs[0]
             if run.status != "rejected" or run.verdict.decision != pb.GATE_TOO_LITTLE_EVIDENCE:
                 break
@@ -89,7 +89,7 @@ def test_a_replica_away_is_named_then_caught_up_then_learnt_from(cluster):
                 time.sleep(1)
             else:
                 pytest.fail("b was not brought in step with a")
-            deadline = time.monotonic() + 1500
+            deadline = time.monotonic() + 2400
             while time.monotonic() < deadline:  # b's 60 ratings are new to the tuner: a run starts by itself
                 runs = admin_b.tuning_status().runs
                 if runs and runs[0].status not in ("running",):
