@@ -9,7 +9,7 @@ answers promote or roll it back. Everything goes through the public gRPC API.
 \b
 Example:
     .venv/bin/python -m benchmarks.loop --seed 0   # full run: 3 cycles, canaries included
-    .venv/bin/python -m benchmarks.loop --quick    # smoke run (1 cycle, few prompts), about 11 min
+    .venv/bin/python -m benchmarks.loop --quick    # smoke run (1 cycle, few prompts), 11-19 min on 2 CPU cores
 """
 
 from __future__ import annotations
