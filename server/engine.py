@@ -91,7 +91,8 @@ class VllmEngine:
         if dtype != "auto":
             log.warning("this CPU has no native bf16 (AVX2 at most): serving %s in %s", model.name, dtype)
         args = AsyncEngineArgs(
-            model=str(model), dtype=dtype, enable_lora=True, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+            model=str(model), dtype=dtype, enable_lora=True, max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
             max_model_len=config.max_model_len, disable_log_stats=False,  # keeps vLLM's Prometheus metrics
             # Whole prefills only: when a seeded request's prefill is chunked, vLLM rewinds its generator, which
             # the CPU generator cannot do ("CPU Generator does not use offset") and the engine dies.
