@@ -200,8 +200,10 @@ class TuningCollector:
                                  labels=["gate", "model"])
         if last.verdict is not None:
             v = last.verdict
-            for name, candidate, current in (("feedback_margin", v.candidate_margin, v.current_margin),
-                                             ("suite", v.candidate_suite, v.current_suite)):
+            scores = [("feedback_margin", v.candidate_margin, v.current_margin)]
+            if v.suite_by_check:  # the suite was run (not for a candidate that failed on feedback)
+                scores.append(("suite", v.candidate_suite, v.current_suite))
+            for name, candidate, current in scores:
                 gate.add_metric([name, "candidate"], candidate)
                 gate.add_metric([name, "current"], current)
         yield gate

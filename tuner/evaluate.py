@@ -130,44 +130,51 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
     """Compares the candidate with the serving adapter (or base), in this order: on earlier held-out feedback, which
     poisoned new ratings cannot rewrite, not significantly worse; on new held-out feedback better; and on the
     instruction suite (answered by the first target) not clearly worse, pair by pair (paired_loss). The first test
-    failed is the verdict's decision."""
+    failed is the verdict's decision; a candidate that fails on feedback is not put to the suite, which would cost
+    the server 400 answers (its suite fields stay empty)."""
     examples = held_out + history
     cand_scores = answer_scores(config, candidate[1], examples)
     curr_scores = answer_scores(config, current[1], examples)
     new, old = slice(0, len(held_out)), slice(len(held_out), None)
-    cand_margin, curr_margin = margin(held_out, cand_scores[new]), margin(held_out, curr_scores[new])
-    cand_history, curr_history = margin(history, cand_scores[old]), margin(history, curr_scores[old])
+    verdict = pb.Verdict(candidate_margin=margin(held_out, cand_scores[new]),
+                         current_margin=margin(held_out, curr_scores[new]),
+                         candidate_history=margin(history, cand_scores[old]),
+                         current_history=margin(history, curr_scores[old]))
     change, change_se = margin_change(held_out, cand_scores[new], curr_scores[new])
     history_change, history_se = margin_change(history, cand_scores[old], curr_scores[old])
-    cand_results = asyncio.run(suite_passes(config.primary, candidate[0]))
-    curr_results = asyncio.run(suite_passes(config.primary, current[0]))
-    losses, wins, harm_p = paired_loss([r[1] for r in cand_results], [r[1] for r in curr_results])
-    cand_suite, curr_suite = pass_rates(cand_results), pass_rates(curr_results)
-    decision = pb.GATE_PASSED
-    if contradicts(history_change, history_se, config):  # first: a poisoned run may also look too weak
-        decision = pb.GATE_CONTRADICTS_HISTORY
-        reason = (f"contradicts earlier feedback: its margin there falls from {curr_history:.4f} to "
-                  f"{cand_history:.4f}, {-history_change / max(history_se, 1e-12):.1f} standard errors "
-                  f"(limits: {config.history_tolerance} or {config.history_z} standard errors)")
-    elif not held_out or change - config.improvement_z * change_se <= 0:
-        decision = pb.GATE_TOO_LITTLE_EVIDENCE
-        reason = (f"held-out feedback margin {cand_margin:.4f} does not beat the serving {curr_margin:.4f} by "
-                  f"{config.improvement_z} standard error(s) ({change_se:.4f})")
-    elif harm_p < config.harm_alpha:
-        decision = pb.GATE_SUITE_REGRESSION
-        reason = (f"worse on the instruction suite: of the answer pairs that differ, it loses {losses} and wins {wins} "
-                  f"(McNemar's exact test, one-sided p = {harm_p:.3g} < {config.harm_alpha})")
-    else:
-        reason = (f"beats the serving adapter on held-out feedback; no clear loss on the instruction suite (loses "
-                  f"{losses}, wins {wins} answer pairs, p = {harm_p:.3g})")
-    verdict = pb.Verdict(passed=decision == pb.GATE_PASSED, decision=decision, reason=reason,
-                         candidate_margin=cand_margin, current_margin=curr_margin,
-                         candidate_history=cand_history, current_history=curr_history,
-                         candidate_suite=overall(cand_suite), current_suite=overall(curr_suite),
-                         suite_by_check={k: pb.SuiteScore(candidate=v, current=curr_suite.get(k, 0.0))
-                                         for k, v in cand_suite.items()},
-                         suite_losses=losses, suite_wins=wins, suite_loss_p=harm_p)
     for name, se in (("margin_change_se", change_se), ("history_change_se", history_se)):
         if math.isfinite(se):  # unset: there was too little to estimate it from
             setattr(verdict, name, se)
+    if contradicts(history_change, history_se, config):  # first: a poisoned run may also look too weak
+        verdict.decision = pb.GATE_CONTRADICTS_HISTORY
+        verdict.reason = (f"contradicts earlier feedback: its margin there falls from {verdict.current_history:.4f} "
+                          f"to {verdict.candidate_history:.4f}, {-history_change / max(history_se, 1e-12):.1f} "
+                          f"standard errors (limits: {config.history_tolerance} or {config.history_z} standard errors)")
+    elif not held_out or change - config.improvement_z * change_se <= 0:
+        verdict.decision = pb.GATE_TOO_LITTLE_EVIDENCE
+        verdict.reason = (f"held-out feedback margin {verdict.candidate_margin:.4f} does not beat the serving "
+                          f"{verdict.current_margin:.4f} by {config.improvement_z} standard error(s) ({change_se:.4f})")
+    else:
+        _judge_on_suite(config, candidate[0], current[0], verdict)
+    verdict.passed = verdict.decision == pb.GATE_PASSED
     return verdict
+
+
+def _judge_on_suite(config: TunerConfig, candidate: int, current: int, verdict: pb.Verdict) -> None:
+    """The last test, on a candidate that passed on feedback: fills in `verdict`'s suite fields and decision."""
+    cand_results = asyncio.run(suite_passes(config.primary, candidate))
+    curr_results = asyncio.run(suite_passes(config.primary, current))
+    losses, wins, harm_p = paired_loss([r[1] for r in cand_results], [r[1] for r in curr_results])
+    cand_suite, curr_suite = pass_rates(cand_results), pass_rates(curr_results)
+    verdict.candidate_suite, verdict.current_suite = overall(cand_suite), overall(curr_suite)
+    for check, rate in cand_suite.items():
+        verdict.suite_by_check[check].CopyFrom(pb.SuiteScore(candidate=rate, current=curr_suite.get(check, 0.0)))
+    verdict.suite_losses, verdict.suite_wins, verdict.suite_loss_p = losses, wins, harm_p
+    if harm_p < config.harm_alpha:
+        verdict.decision = pb.GATE_SUITE_REGRESSION
+        verdict.reason = (f"worse on the instruction suite: of the answer pairs that differ, it loses {losses} and "
+                          f"wins {wins} (McNemar's exact test, one-sided p = {harm_p:.3g} < {config.harm_alpha})")
+    else:
+        verdict.decision = pb.GATE_PASSED
+        verdict.reason = (f"beats the serving adapter on held-out feedback; no clear loss on the instruction suite "
+                          f"(loses {losses}, wins {wins} answer pairs, p = {harm_p:.3g})")

@@ -66,8 +66,7 @@ def drive(server: ServerProcess, adapter) -> None:
     # A tuning run recorded the way the tuner records its runs (through the Tuning API), without the training:
     # the loop test (tests/tuner/test_loop.py) runs real ones.
     with TuningClient(server.target, api_key=server.api_key) as tuner:
-        verdict = pb.Verdict(passed=False, reason="not better", candidate_margin=0.1, current_margin=0.2,
-                             candidate_suite=0.5, current_suite=0.6)
+        verdict = pb.Verdict(passed=False, reason="not better", candidate_margin=0.1, current_margin=0.2)
         tuner.update_run(tuner.start_run("threshold").id, outcome="rejected", verdict=verdict, examples=8, loss=0.9,
                          candidate_version=version)
 

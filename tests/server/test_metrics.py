@@ -90,7 +90,7 @@ def test_tuning_metrics_count_unlearned_ratings_and_failures_in_a_row(tmp_path):
     assert value(metrics, "instructd_tuning_last_run_loss") is None  # no finished run yet
 
     verdict = pb.Verdict(passed=False, reason="suite falls", current_margin=0.1, candidate_suite=0.5,
-                         current_suite=0.6)
+                         current_suite=0.6, suite_by_check={"answered": pb.SuiteScore(candidate=0.5, current=0.6)})
     judged = asyncio.run(run(pb.RUN_REJECTED, cursors[1], verdict=verdict, examples=12, loss=0.75))
     for _ in range(2):
         asyncio.run(run(pb.RUN_FAILED, reason="out of memory"))
@@ -102,11 +102,16 @@ def test_tuning_metrics_count_unlearned_ratings_and_failures_in_a_row(tmp_path):
     assert value(metrics, "instructd_tuning_last_gate_score", gate="suite", model="current") is None  # a failed run
 
     asyncio.run(run(pb.RUN_PROMOTED, cursors[2], verdict=verdict, examples=20, loss=0.5))
-    store.close()
     assert value(metrics, "instructd_tuning_consecutive_failed_runs") == 0
     assert value(metrics, "instructd_tuning_new_ratings") == 0
     assert value(metrics, "instructd_tuning_last_run_examples") == 20
     assert value(metrics, "instructd_tuning_last_gate_score", gate="suite", model="current") == 0.6
+    feedback_only = pb.Verdict(passed=False, reason="not better", candidate_margin=0.1, current_margin=0.2)
+    asyncio.run(run(pb.RUN_REJECTED, verdict=feedback_only, examples=8, loss=0.9))
+    assert value(metrics, "instructd_tuning_last_gate_score", gate="feedback_margin", model="current") == 0.2
+    assert value(metrics, "instructd_tuning_last_gate_score", gate="suite", model="current") is None  # not put to it
+    store.close()
+
 
 def test_the_page_keeps_vllms_colon_names_whatever_format_the_scraper_asks_for():
     metrics = Metrics(CollectorRegistry())

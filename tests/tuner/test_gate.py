@@ -105,6 +105,9 @@ def test_the_first_failed_test_decides_and_only_suspect_ratings_are_used_up(monk
                                                                            suite_loss, decision, keeps):
     verdict = _judge(monkeypatch, tmp_path, held_out, history, suite_loss)
     assert (verdict.decision, verdict.passed, keeps_ratings(verdict)) == (decision, decision == pb.GATE_PASSED, keeps)
+    put_to_the_suite = decision in (pb.GATE_PASSED, pb.GATE_SUITE_REGRESSION)  # failed on feedback: no 400 answers
+    assert bool(verdict.suite_by_check) == put_to_the_suite and (verdict.suite_losses > 0) == (suite_loss > 0 and
+                                                                                           put_to_the_suite)
 
 
 def test_a_run_starts_on_request_on_enough_new_ratings_or_on_the_timer(tmp_path):
