@@ -341,7 +341,7 @@ def _environment() -> dict:
 @click.option("--cycles", type=int, help="Tuning cycles (default 3; 1 with --quick).")
 @click.option("--traffic", type=int, help="Rated exchanges per cycle (default 240; 60 with --quick).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
-              show_default=True, help="Where loop-<date>.json, .png and .md are written.")
+              show_default=True, help="Where loop-<date>-seed<N>.json, .png and .md are written.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The service's data directory and logs (default: a fresh temporary folder, removed after).")
 @click.option("--tuner-arg", multiple=True, help="Extra `instructd tuner` option, e.g. --tuner-arg=--steps=60.")

@@ -1,5 +1,5 @@
-"""Writes a loop benchmark's results: loop-<date>.json (every number and the configuration), a plot of
-accuracy per cycle, and a short markdown report with the headline table."""
+"""Writes a loop benchmark's results: loop-<date>-seed<N>.json (-quick.json for a smoke run; every number and the
+configuration), a plot of accuracy per cycle, and a short markdown report with the headline table."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ GROUPS = ("rated", "unrated", "plain")
 
 def write_report(result: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"loop-{datetime.date.today().isoformat()}{'-quick' if result['config']['quick'] else ''}"
+    kind = "quick" if result["config"]["quick"] else f"seed{result['config']['seed']}"  # two seeds a day, side by side
+    stem = out_dir / f"loop-{datetime.date.today().isoformat()}-{kind}"
     result["headline"] = headline(result)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     _plot(result, stem.with_suffix(".png"))

@@ -42,6 +42,7 @@ def test_a_cycle_left_unmeasured_is_reported_as_such(tmp_path):
                          {"cycle": 2, "serving": 2, "run": {**run, "run_id": 2, "candidate_version": 2},
                           "canary": None, "measure": measure(12)}]}
     path = write_report(result, tmp_path)
+    assert path.name.endswith("-seed3.json")  # runs of two seeds on one day are kept apart
     report = path.with_suffix(".md").read_text()
     assert "| 1 | v1 | promoted | - | not measured | not measured | not measured |" in report
     assert "| 2 | v2 | promoted | - | 60.0% | 0.0% | 100.0% |" in report
