@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from .config import TunerConfig
 from .dataset import build_dataset, for_objective, load_classifier
-from .evaluate import judge, keeps_ratings
+from .evaluate import Version, judge, keeps_ratings
 from .rehearsal import rehearsal_examples
 from .replicas import Replicas
 from .train import train_adapter
@@ -60,8 +60,9 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
             "train": asdict(result)}, expected)
         run.update(candidate_version=candidates[config.primary].version, examples=result.examples,
                    loss=result.final_loss)
-        verdict = judge(config, (candidates[config.primary].version, out), (current, parent), data.held_out,
-                        data.history)
+        candidate = candidates[config.primary]
+        verdict = judge(config, Version(candidate.version, out, candidate.sha256),
+                        Version(current, parent, serving.sha256 if serving else ""), data.held_out, data.history)
         replicas.judged(candidates, verdict)
         outcome, kept = "promoted" if verdict.passed else "rejected", keeps_ratings(verdict)
         reason = verdict.reason + ("; its ratings stay for the next run" if kept else "")

@@ -4,9 +4,11 @@ on the fixed instruction-following suite (both versions answer it through the se
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -80,21 +82,70 @@ DECODINGS = (0.0, 0.7)
 prompt, the same for both versions): what users see either way, and loops show under both."""
 
 
-async def suite_passes(target: str, version: int) -> list[tuple[str, bool]]:
-    """(check type, passed) for each suite prompt and decoding, in a fixed order, of `version` (0: base), through the
-    server at each item's answer length."""
-    items = json.loads(SUITE.read_text())["items"]
+class Version(NamedTuple):
+    """A version the gate compares, as the first target knows it."""
+
+    number: int
+    """Its version number there (0: the base model)."""
+    folder: Path | None
+    """Its adapter folder in the tuner's directory (None: the base model)."""
+    sha256: str = ""
+    """Its weights' checksum (empty: the base model): what its kept suite results are filed under."""
+
+
+def suite_results(config: TunerConfig, versions: list[Version]) -> list[list[tuple[str, bool]]]:
+    """(check type, passed) for each suite prompt and decoding, in a fixed order, of each version. A version's
+    results are kept in the tuner's directory under its checksum, so a candidate's results, asked for when it was
+    judged, are its results as the serving version in the next run: only versions asked for the first time (or under
+    another suite or base model) are put to the server, all at once (one engine batch rather than one version
+    after the other)."""
+    suite = SUITE.read_bytes()
+    fingerprint = hashlib.sha256(suite + (config.model / "config.json").read_bytes()).hexdigest()
+    files = [config.work_dir / "suite-results" / f"{v.sha256 or 'base'}.json" for v in versions]
+    kept = [_kept_results(f, fingerprint) for f in files]
+    missing = [i for i, results in enumerate(kept) if results is None]
+    if not missing:
+        return kept
+    asked = asyncio.run(suite_passes(config.primary, [versions[i].number for i in missing], json.loads(suite)))
+    for i, results in zip(missing, asked):
+        kept[i] = results
+        _keep_results(files[i], fingerprint, results)
+    return kept
+
+
+async def suite_passes(target: str, versions: list[int], suite: dict) -> list[list[tuple[str, bool]]]:
+    """Each version's (check type, passed) for each suite prompt and decoding, through the server at each item's
+    answer length (version 0: the base)."""
     at_once = asyncio.Semaphore(64)  # well within the server's admission limit (256 in flight), leaving users room
 
-    async def ask(client: AsyncClient, seed: int, item: dict, temperature: float) -> tuple[str, bool]:
+    async def ask(client: AsyncClient, version: int, seed: int, item: dict, temperature: float) -> tuple[str, bool]:
         async with at_once:
             answer = await client.generate(item["prompt"], adapter=version or "base", temperature=temperature,
                                            seed=seed, max_tokens=item.get("max_tokens", 96))
         return item["check"]["type"], passes(answer.text, item["check"])
 
     async with AsyncClient(target) as client:
-        return list(await asyncio.gather(*(ask(client, seed, item, t) for seed, item in enumerate(items)
-                                           for t in DECODINGS)))
+        asked = [[ask(client, version, seed, item, t) for seed, item in enumerate(suite["items"]) for t in DECODINGS]
+                 for version in versions]
+        answered = await asyncio.gather(*(a for each in asked for a in each))
+    per_version = len(answered) // max(len(versions), 1)
+    return [list(answered[i * per_version:(i + 1) * per_version]) for i in range(len(versions))]
+
+
+def _kept_results(path: Path, fingerprint: str) -> list[tuple[str, bool]] | None:
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return [(check, passed) for check, passed in kept["results"]] if kept.get("fingerprint") == fingerprint else None
+
+
+def _keep_results(path: Path, fingerprint: str, results: list[tuple[str, bool]]) -> None:
+    """Written whole or not at all: a tuner killed while writing leaves no half file to be read as results."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({"fingerprint": fingerprint, "results": results}))
+    partial.replace(path)
 
 
 def pass_rates(results: list[tuple[str, bool]]) -> dict[str, float]:
@@ -125,16 +176,16 @@ def paired_loss(candidate: list[bool], current: list[bool]) -> tuple[int, int, f
     return losses, wins, sum(math.comb(n, k) for k in range(losses, n + 1)) / 2 ** n
 
 
-def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, Path | None],
-          held_out: list[Example], history: list[Example]) -> pb.Verdict:
+def judge(config: TunerConfig, candidate: Version, current: Version, held_out: list[Example],
+          history: list[Example]) -> pb.Verdict:
     """Compares the candidate with the serving adapter (or base), in this order: on earlier held-out feedback, which
     poisoned new ratings cannot rewrite, not significantly worse; on new held-out feedback better; and on the
     instruction suite (answered by the first target) not clearly worse, pair by pair (paired_loss). The first test
     failed is the verdict's decision; a candidate that fails on feedback is not put to the suite, which would cost
     the server 400 answers (its suite fields stay empty)."""
     examples = held_out + history
-    cand_scores = answer_scores(config, candidate[1], examples)
-    curr_scores = answer_scores(config, current[1], examples)
+    cand_scores = answer_scores(config, candidate.folder, examples)
+    curr_scores = answer_scores(config, current.folder, examples)
     new, old = slice(0, len(held_out)), slice(len(held_out), None)
     verdict = pb.Verdict(candidate_margin=margin(held_out, cand_scores[new]),
                          current_margin=margin(held_out, curr_scores[new]),
@@ -155,15 +206,14 @@ def judge(config: TunerConfig, candidate: tuple[int, Path], current: tuple[int, 
         verdict.reason = (f"held-out feedback margin {verdict.candidate_margin:.4f} does not beat the serving "
                           f"{verdict.current_margin:.4f} by {config.improvement_z} standard error(s) ({change_se:.4f})")
     else:
-        _judge_on_suite(config, candidate[0], current[0], verdict)
+        _judge_on_suite(config, candidate, current, verdict)
     verdict.passed = verdict.decision == pb.GATE_PASSED
     return verdict
 
 
-def _judge_on_suite(config: TunerConfig, candidate: int, current: int, verdict: pb.Verdict) -> None:
+def _judge_on_suite(config: TunerConfig, candidate: Version, current: Version, verdict: pb.Verdict) -> None:
     """The last test, on a candidate that passed on feedback: fills in `verdict`'s suite fields and decision."""
-    cand_results = asyncio.run(suite_passes(config.primary, candidate))
-    curr_results = asyncio.run(suite_passes(config.primary, current))
+    cand_results, curr_results = suite_results(config, [candidate, current])
     losses, wins, harm_p = paired_loss([r[1] for r in cand_results], [r[1] for r in curr_results])
     cand_suite, curr_suite = pass_rates(cand_results), pass_rates(curr_results)
     verdict.candidate_suite, verdict.current_suite = overall(cand_suite), overall(curr_suite)

@@ -85,12 +85,13 @@ def _judge(monkeypatch, tmp_path, held_out_change: float, history_change: float,
              for e, s, c in zip(new + old, base, [held_out_change] * 20 + [history_change] * 20)]
     monkeypatch.setattr(evaluate, "answer_scores", lambda config, adapter, examples: moved if adapter else base)
 
-    async def suite(target, version):  # 200 answer pairs; the candidate fails the first `suite_loss` of them
-        return [("answered", not (version and i < suite_loss) and i % 2 == 0) for i in range(200)]
+    def suite(config, versions):  # 200 answer pairs; the candidate fails the first `suite_loss` of them
+        return [[("answered", not (v.number and i < suite_loss) and i % 2 == 0) for i in range(200)] for v in versions]
 
-    monkeypatch.setattr(evaluate, "suite_passes", suite)
+    monkeypatch.setattr(evaluate, "suite_results", suite)
     config = TunerConfig(work_dir=tmp_path, model=tmp_path)
-    return evaluate.judge(config, (1, tmp_path / "candidate"), (0, None), new, old)
+    return evaluate.judge(config, evaluate.Version(1, tmp_path / "candidate", "c" * 64), evaluate.Version(0, None),
+                          new, old)
 
 
 @pytest.mark.parametrize("held_out, history, suite_loss, decision, keeps", [
@@ -149,3 +150,31 @@ def test_the_suite_catches_a_ten_point_loss_nine_times_in_ten():
 def test_paired_loss_counts_only_the_pairs_that_differ():
     assert evaluate.paired_loss([True, False, False, True], [True, True, False, False]) == (1, 1, 0.75)
     assert evaluate.paired_loss([False] * 5, [True] * 5)[2] == 1 / 32
+
+
+def test_a_versions_suite_results_are_asked_for_once_and_kept_under_its_checksum(monkeypatch, tmp_path):
+    asked = []
+
+    async def suite(target, versions, items):  # the server, faked: which versions were put to it, together
+        asked.append(versions)
+        return [[("answered", (i + v) % 3 == 0) for i in range(200)] for v in versions]
+
+    monkeypatch.setattr(evaluate, "suite_passes", suite)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    config = TunerConfig(work_dir=tmp_path / "tuner", model=model)
+    base, v1, v2 = evaluate.Version(0, None), evaluate.Version(1, tmp_path, "a" * 64), evaluate.Version(2, tmp_path,
+                                                                                                       "b" * 64)
+    as_candidate = evaluate.suite_results(config, [v1, base])
+    assert asked == [[1, 0]]
+    as_serving = evaluate.suite_results(config, [v2, v1])  # v1 serves now: its results as a candidate are kept
+    assert asked == [[1, 0], [2]] and as_serving[1] == as_candidate[0] and as_serving[0] != as_serving[1]
+    assert evaluate.suite_results(config, [v2, base]) == [as_serving[0], as_candidate[1]] and len(asked) == 2
+
+    (config.work_dir / "suite-results" / f"{'b' * 64}.json").write_text('{"fingerp')  # torn: asked again
+    evaluate.suite_results(config, [v2, v1])
+    assert asked[-1] == [2]
+    (model / "config.json").write_text('{"hidden_size": 1}')  # another base model: every version asked again
+    evaluate.suite_results(config, [v2, v1])
+    assert asked[-1] == [2, 1]

@@ -96,6 +96,8 @@ def test_rated_instructions_are_learnt_by_the_second_batch_of_ratings(loop_serve
     assert promoted == candidate.version == run.candidate_version and candidate.status == "promoted"
     assert candidate.parent_version == 0 and candidate.base_model == "SmolLM2-135M-Instruct"
     assert candidate.evaluation.passed and candidate.evaluation.candidate_suite >= 0
+    # Each version was put to the suite once, and its results kept: the candidate's are its own once it serves.
+    assert {p.stem for p in loop_server.tuner_dir.glob("suite-results/*.json")} == {"base", candidate.sha256}
     assert candidate.metadata["hyperparameters"]["objective"] == "sft"
     assert len(candidate.metadata["exchange_ids"]) >= 20
     assert candidate.metadata["rehearsal"] >= 20  # the base's own answers to rehearsal prompts, trained on too
