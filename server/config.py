@@ -16,6 +16,7 @@ ENV_TARGET = "INSTRUCTD_TARGET"        # host:port the client and CLI talk to; d
 ENV_API_KEY = "INSTRUCTD_API_KEY"      # the key the client and CLI send; default: the local admin key file
 ENV_TLS_CA = "INSTRUCTD_TLS_CA"        # CA certificate the client trusts; set: the client speaks TLS
 ENV_KV_CACHE = "VLLM_CPU_KVCACHE_SPACE"  # vLLM on CPU: GiB reserved for the KV cache (default 92% of a NUMA node)
+ENV_RESERVED_CPUS = "VLLM_CPU_NUM_OF_RESERVED_CPU"  # vLLM on CPU: cores kept from its compute (engine.py)
 
 # The /metrics port, declared here only. Not 9090: that is Prometheus' own port, and the two collide on any host (or
 # compose stack) that runs both. Exporters take ports from Prometheus' "default port allocations" wiki page; its

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .chat import ChatTokenizer
-from .config import ENV_KV_CACHE, ServerConfig
+from .config import ENV_KV_CACHE, ENV_RESERVED_CPUS, ServerConfig
 from .domain import Sampling
 from .errors import FailedPrecondition, InvalidRequest, Unavailable, preview
 
@@ -82,6 +82,10 @@ class VllmEngine:
 
     def __init__(self, config: ServerConfig, model: Path) -> None:
         os.environ.setdefault(ENV_KV_CACHE, f"{config.kv_cache_gib:g}")
+        cores = len(os.sched_getaffinity(0))
+        if ENV_RESERVED_CPUS not in os.environ and (reserved := reserved_cpus(cores)):
+            os.environ[ENV_RESERVED_CPUS] = reserved
+            log.info("%d CPU cores: vLLM computes on all of them (%s=%s)", cores, ENV_RESERVED_CPUS, reserved)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -265,6 +269,14 @@ def engine_dtype(model_config: dict, emulated_bf16: bool) -> str:
     tokens from SmolLM2-135M came at 31 tokens/s in bf16 and 145 in float32."""
     dtype = model_config.get("dtype", model_config.get("torch_dtype"))
     return "float32" if emulated_bf16 and dtype == "bfloat16" else "auto"
+
+
+def reserved_cpus(cores: int) -> str | None:
+    """How many cores vLLM on CPU keeps from its compute, where we choose (None: vLLM's own default, one per worker,
+    for its scheduler's busy loop). On 2 cores that default computes on one: side by side on 2 AMD EPYC cores, 64
+    chats x 128 tokens, 16 at a time, came at 187-189 tokens/s with a p50 time to first token of 0.99-1.14 s, against
+    215-217 tokens/s and 0.68-0.74 s computing on both (32 at a time x 256 tokens: 246 against 329 tokens/s)."""
+    return "0" if cores <= 2 else None
 
 
 def use_per_adapter_cpu_lora() -> None:

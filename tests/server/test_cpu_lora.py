@@ -1,7 +1,9 @@
 """The per-adapter CPU LoRA ops agree with vLLM's own, and skip tokens that have no adapter; a CPU that only
-emulates bf16 serves a bf16 model in float32."""
+emulates bf16 serves a bf16 model in float32; on 2 cores vLLM computes on both."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -54,3 +56,11 @@ def test_a_cpu_that_emulates_bf16_serves_a_bf16_model_in_float32(server):
     # The real server on this machine: float32 exactly when its CPU has no native bf16.
     said = "this CPU has no native bf16" in server.log_path.read_text()
     assert said == (not engine.cpu_has_bf16())
+
+
+def test_on_two_cores_the_engine_computes_on_both(server):
+    assert [engine.reserved_cpus(n) for n in (1, 2, 3, 16)] == ["0", "0", None, None]
+    # The real server on this machine says so exactly where the rule applies (and no one set the variable).
+    cores = len(os.sched_getaffinity(0))
+    said = f"{cores} CPU cores: vLLM computes on all of them" in server.log_path.read_text()
+    assert said == (engine.reserved_cpus(cores) is not None and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ)
