@@ -7,6 +7,7 @@ interval. This is the evidence for the tuner's default recipe (rehearsal, tuner/
 \b
 Example:
     .venv/bin/python -m benchmarks.recipe            # 480 ratings, 2 recipes: about 45 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.recipe -r default -r lr-3e-4 -r kto   # 3 recipes: about 50 min
     .venv/bin/python -m benchmarks.recipe --quick    # smoke run (60 ratings, few prompts, short training)
 """
 
@@ -36,16 +37,22 @@ from .ifeval import Judge
 from .loop import QUICK, Loop, LoopConfig, _environment, instruction_types
 from .report import GROUPS, paired_interval
 
-RECIPES = {"feedback alone": {"rehearsal": 0}, "feedback + rehearsal (default)": {}}
-"""Name -> TunerConfig fields that differ from the tuner's defaults."""
+RECIPES = {"no-rehearsal": ("feedback alone", {"rehearsal": 0}),
+           "default": ("feedback + rehearsal (default)", {}),
+           "lr-3e-4": ("feedback + rehearsal, learning rate 3e-4", {"learning_rate": 3e-4}),
+           "kto": ("feedback + rehearsal, kto", {"objective": "kto"})}
+"""Key -> (name in the results, TunerConfig fields that differ from the tuner's defaults)."""
 
 
-def run_recipes(loop_config: LoopConfig, traffic: int, steps: int | None, out_dir: Path, work_dir: Path) -> Path:
+def run_recipes(loop_config: LoopConfig, traffic: int, steps: int | None, recipes: dict[str, dict], out_dir: Path,
+                work_dir: Path) -> Path:
+    """Train and measure each of `recipes` (name -> TunerConfig fields), in order; later ones are compared to the
+    first as well as to the base."""
     judge = Judge()
     _, rated, unrated = instruction_types(judge)
     server = LocalServer(work_dir / "data", work_dir / "server.log", "--generate-per-second", "0",
                          "--feedback-per-second", "0")
-    result: dict = {"config": {**asdict(loop_config), "traffic": traffic, "recipes": RECIPES},
+    result: dict = {"config": {**asdict(loop_config), "traffic": traffic, "recipes": recipes},
                     "environment": _environment(), "recipes": {}}
     with server:
         loop = Loop(loop_config, server, judge, rated, unrated)
@@ -60,7 +67,7 @@ def run_recipes(loop_config: LoopConfig, traffic: int, steps: int | None, out_di
         result["data"] = {"train": len(for_objective(data.train, base_config.objective)),
                           "dropped": dict(data.dropped)}
         measured = {"base": asyncio.run(loop.measure("base", 0))}
-        for name, fields in RECIPES.items():
+        for name, fields in recipes.items():
             config = replace(base_config, **fields)
             rehearsal = rehearsal_examples(config)
             out = server.adapter_dir / f"recipe-{len(measured)}"  # where the server registers adapters from
@@ -116,11 +123,15 @@ def _write(result: dict, out_dir: Path) -> Path:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
               show_default=True, help="Where recipe-<date>.json and .md are written.")
 @click.option("--seed", default=0, show_default=True)
-def main(quick, traffic, out, seed) -> None:
+@click.option("-r", "--recipe", "keys", multiple=True, type=click.Choice(list(RECIPES)),
+              help="A recipe to train, in order; the first is the one the others are compared to "
+                   "(default: -r no-rehearsal -r default).")
+def main(quick, traffic, out, seed, keys) -> None:
     loop_config = replace(QUICK if quick else LoopConfig(), seed=seed)
+    recipes = dict(RECIPES[key] for key in keys or ("no-rehearsal", "default"))
     work = Path(tempfile.mkdtemp(prefix="instructd-recipe-"))
     try:
-        path = run_recipes(loop_config, traffic or (60 if quick else 480), 10 if quick else None, out, work)
+        path = run_recipes(loop_config, traffic or (60 if quick else 480), 10 if quick else None, recipes, out, work)
     except BaseException:
         click.echo(f"benchmark failed; the service's logs are kept in {work}", err=True)
         raise
