@@ -124,11 +124,11 @@ def _write(result: dict, out_dir: Path) -> Path:
               show_default=True, help="Where recipe-<date>.json and .md are written.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-r", "--recipe", "keys", multiple=True, type=click.Choice(list(RECIPES)),
-              help="A recipe to train, in order; the first is the one the others are compared to "
-                   "(default: -r no-rehearsal -r default).")
+              default=("no-rehearsal", "default"), show_default=True,
+              help="A recipe to train, in order; the first is the one the others are compared to.")
 def main(quick, traffic, out, seed, keys) -> None:
     loop_config = replace(QUICK if quick else LoopConfig(), seed=seed)
-    recipes = dict(RECIPES[key] for key in keys or ("no-rehearsal", "default"))
+    recipes = dict(RECIPES[key] for key in keys)
     work = Path(tempfile.mkdtemp(prefix="instructd-recipe-"))
     try:
         path = run_recipes(loop_config, traffic or (60 if quick else 480), 10 if quick else None, recipes, out, work)
