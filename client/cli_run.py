@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from instructd.server.canary import CanaryMode
 from instructd.server.config import ServerConfig
-from instructd.tuner.config import OBJECTIVES, TRAINERS, TunerConfig
+from instructd.tuner.config import OBJECTIVES, STARTS, TRAINERS, TunerConfig
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -139,7 +139,12 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
               help="Start a run after this many new ratings (over all replicas).")
 @click.option("--period", default=TunerConfig.period_seconds, show_default=True,
               help="Also start a run every PERIOD seconds (0: never).")
-@click.option("--include-older", is_flag=True, help="Also learn from ratings older than the last run.")
+@click.option("--start-from", type=click.Choice(STARTS), default=TunerConfig.start_from, show_default=True,
+              help="base: each candidate is a fresh adapter trained on all the feedback the serving version learnt "
+                   "and the new; serving: the serving adapter trained further on the new feedback alone (faster, "
+                   "but stacked adapters drifted on what users did not rate).")
+@click.option("--include-older", is_flag=True,
+              help="Also learn from every older rating, those of runs rejected as suspected poisoning too.")
 @click.option("--blocklist", multiple=True, help="Never train on exchanges containing this phrase (repeatable).")
 @click.option("--rehearsal", default=TunerConfig.rehearsal, show_default=True,
               help="Plain prompts of the tuner's own whose base answers each run also trains on, so that what users "
@@ -149,7 +154,7 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
               help="How often to look for requests, new ratings and replicas to bring in step.")
 @click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
 def tuner(target, work_dir, model, objective, trainer, launcher, steps, epochs, learning_rate, rank, min_new_ratings,
-          period, include_older, blocklist, rehearsal, classifier, poll_seconds, once) -> None:
+          period, start_from, include_older, blocklist, rehearsal, classifier, poll_seconds, once) -> None:
     """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners. It needs a
     tuner key ($INSTRUCTD_API_KEY; `instructd serve` gives the tuner it starts one) and runs anywhere.
 
@@ -171,8 +176,8 @@ def tuner(target, work_dir, model, objective, trainer, launcher, steps, epochs, 
             work_dir=work_dir or default_home() / "tuner", model=model or default_model(default_cache()),
             targets=tuple(t.strip() for t in target.split(",") if t.strip()), objective=objective, trainer=trainer,
             launcher=launcher, steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
-            min_new_ratings=min_new_ratings, period_seconds=period, include_older=include_older,
-            blocklist=tuple(blocklist), rehearsal=rehearsal, poll_seconds=poll_seconds)
+            min_new_ratings=min_new_ratings, period_seconds=period, start_from=start_from,
+            include_older=include_older, blocklist=tuple(blocklist), rehearsal=rehearsal, poll_seconds=poll_seconds)
     except ValueError as error:  # the config's own checks, said as a usage error
         raise click.UsageError(str(error)) from None
     run_tuner(config, once=once, classifier=classifier)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 OBJECTIVES = ("sft", "kto", "dpo")
 TRAINERS = ("auto", "loop", "trl")
+STARTS = ("base", "serving")
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,16 @@ class TunerConfig:
     launcher: str = ""
     """A command that starts TRL training in processes of its own, e.g. 'accelerate launch --multi_gpu
     --num_processes 4' (several GPUs; DeepSpeed or FSDP through an accelerate config file); empty: in this process."""
+    start_from: str = "base"
+    """'base': each candidate is a fresh adapter on the base model, trained on everything the serving version learnt
+    (its lineage's exchange ids) and the new feedback, so cycles never stack adapters on adapters; 'serving': the
+    serving adapter trained further on the new feedback alone (shorter runs, but after 480 ratings in the closed loop
+    two stacked candidates lost 17.5 points on plain instructions, -28.7 to -6.2, where one run from the base on 480
+    ratings did not: +7.5, -5.0 to +20.0; benchmarks/results/loop-2026-12-02-seed0.md, recipe-2026-12-04.md)."""
     include_older: bool = False
-    """Also use ratings older than the last candidate (by default each run learns from new feedback only)."""
+    """Also train on every rating older than the last judged run, learnt by the serving version or not: those of
+    runs rejected for contradicting earlier feedback (suspected poisoning) too, which by default are never trained on
+    again."""
     max_user_share: float = 0.5
     """No single rater may contribute more than this share of the training examples."""
     max_repetition: float = 0.3
@@ -88,6 +97,8 @@ class TunerConfig:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.trainer not in TRAINERS:
             raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}")
+        if self.start_from not in STARTS:
+            raise ValueError(f"start_from must be one of {', '.join(STARTS)}, got {self.start_from!r}")
         if self.objective == "dpo" and self.trainer == "loop":
             raise ValueError("the loop has no dpo: use trainer 'trl' or 'auto'")
         if self.launcher and self.trainer == "loop":
@@ -116,5 +127,5 @@ class TunerConfig:
     def hyperparameters(self) -> dict:
         keys = ("objective", "trainer", "steps", "epochs", "batch_size", "learning_rate", "rank", "lora_alpha",
                 "target_modules", "max_length", "kto_beta", "dpo_beta", "seed", "max_user_share", "max_repetition",
-                "include_older", "rehearsal")
+                "start_from", "include_older", "rehearsal")
         return {k: getattr(self, k) for k in keys}

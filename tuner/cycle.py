@@ -1,6 +1,7 @@
-"""One tuning run, top to bottom: gather ratings from every replica, train a candidate from the serving adapter
-(on the feedback and on the base's own answers to rehearsal prompts), upload it to every replica, judge it at the
-gate, then promote it everywhere (compare-and-swap) or reject it."""
+"""One tuning run, top to bottom: gather ratings from every replica, train a candidate from the base (on all the
+feedback the serving version learnt and the new, and on the base's own answers to rehearsal prompts), upload it to
+every replica, judge it against the serving version at the gate, then promote it everywhere (compare-and-swap) or
+reject it."""
 
 from __future__ import annotations
 
@@ -32,27 +33,29 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
     run = replicas.start_run(trigger)
     try:
         gathered = replicas.feedback()
-        data = build_dataset(config, gathered.new, gathered.old, load_classifier(classifier))
+        current, serving = replicas.serving()
+        learnt = replicas.learnt(current) if config.start_from == "base" else None  # None: continue serving's weights
+        from_base, learnt = learnt is not None or serving is None, learnt or frozenset()
+        data = build_dataset(config, gathered.new, gathered.old, load_classifier(classifier), learnt)
         run.update(data=data.summary())
-        usable = for_objective(data.train, config.objective)
+        usable = [e for e in for_objective(data.train, config.objective) if e.exchange_id not in learnt]
         if not usable or not data.held_out:
-            reason = (f"not enough new feedback: {len(usable)} usable training examples and {len(data.held_out)} "
+            reason = (f"not enough new feedback: {len(usable)} usable new training examples and {len(data.held_out)} "
                       f"held out (both are needed); dropped: {dict(data.dropped) or 'none'}")
             run.finish("skipped", reason)
             log.info("run %d skipped: %s", run.id, reason)
             return CycleResult("skipped", wants_more_ratings=True)
 
         expected = replicas.current(run.ids)  # what serves where as the run begins: each promotion is a CAS
-        current, serving = replicas.serving()
         parent = replicas.local_copy(current, serving.sha256) if serving else None
         candidates_dir = config.work_dir / "candidates"
         candidates_dir.mkdir(parents=True, exist_ok=True)
         partial, out = candidates_dir / f".run-{run.id}.partial", candidates_dir / f"run-{run.id}"
         rehearsal = rehearsal_examples(config)
         lineage = {"run_id": run.id, "base_model": config.model.name, "parent_sha256": serving.sha256 if serving else "",
-                   "rehearsal": len(rehearsal)}
-        result = train_adapter(config, data.train + rehearsal, partial, parent, metadata=lineage,
-                               progress=run.progress)
+                   "rehearsal": len(rehearsal), "weights_from": "base" if from_base else "parent"}
+        result = train_adapter(config, data.train + rehearsal, partial, None if from_base else parent,
+                               metadata=lineage, progress=run.progress)
         partial.rename(out)
 
         candidates = replicas.upload(out, serving.sha256 if serving else "", {

@@ -54,15 +54,16 @@ class Dataset:
 
 
 def build_dataset(config: TunerConfig, new: list[pb.RatedExchange], old: list[pb.RatedExchange],
-                  classifier: Callable[[Example], bool] | None = None) -> Dataset:
+                  classifier: Callable[[Example], bool] | None = None, learnt: frozenset[str] = frozenset()) -> Dataset:
     """Exported ratings turned into a filtered, split dataset: `new` ones (rated since the last judged run) train
-    the candidate or, held out, judge it; `old` held-out ones are the gate's history (and, with include_older,
-    old trainable ones train too). The held-out flag is the server's, so every replica agrees on it."""
+    the candidate or, held out, judge it; `old` held-out ones are the gate's history; old trainable ones train too
+    when their exchange is in `learnt` (what the serving version learnt, for a candidate trained from the base) or
+    with include_older. The held-out flag is the server's, so every replica agrees on it."""
     data = Dataset()
     seen: set[tuple] = set()
     for is_new, rows in ((False, old), (True, new)):
         for example, reason, held_out in _examples(rows):
-            if not is_new and not held_out and not config.include_older:
+            if not (is_new or held_out or config.include_older or example.exchange_id in learnt):
                 continue
             if reason is None and example.desirable and repetition(example.answer) > config.max_repetition:
                 reason = "repetitive"

@@ -83,9 +83,10 @@ class Replicas:
         return sum(self.each(lambda t, c: c.tuning_status(limit=1).new_ratings).values())
 
     def feedback(self) -> Feedback:
-        """From each replica: ratings since its last judged run (new), and older held-out ones (the gate's history;
-        with include_older, older trainable ones too)."""
-        held = pb.HELD_OUT_ALL if self.config.include_older else pb.HELD_OUT_ONLY
+        """From each replica: ratings since its last judged run (new), and older held-out ones (the gate's history),
+        with older trainable ones too when a candidate starts from the base (it relearns them) or with include_older."""
+        older = self.config.include_older or self.config.start_from == "base"
+        held = pb.HELD_OUT_ALL if older else pb.HELD_OUT_ONLY
 
         def read(target: str, client: TuningClient) -> tuple[list, list, int]:
             since = client.tuning_status(limit=1).learnt_until
@@ -104,6 +105,20 @@ class Replicas:
         """The primary's serving version and its record (None: the base model)."""
         adapters, current = self.primary.adapters()
         return current, next((a for a in adapters if a.version == current), None)
+
+    def learnt(self, version: int) -> frozenset[str] | None:
+        """The exchanges the primary's `version` learnt from: those it was trained on, and its ancestors' up to one
+        trained from the base (a version trained from its parent's weights learnt what the parent learnt). None when
+        one of them was registered by hand: it learnt from no ratings we have, so its weights cannot be retrained."""
+        adapters = {a.version: a for a in self.primary.adapters()[0]}
+        ids: set[str] = set()
+        while version:  # a parent is registered before its child: versions fall to 0, the base
+            metadata = adapters[version].metadata
+            if "exchange_ids" not in metadata:
+                return None
+            ids.update(metadata["exchange_ids"])
+            version = 0 if metadata.get("weights_from") == "base" else adapters[version].parent_version
+        return frozenset(ids)
 
     def local_copy(self, version: int, sha256: str) -> Path:
         """The primary's `version` in the tuner's own directory, downloaded once (by checksum)."""

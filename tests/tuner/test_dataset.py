@@ -3,10 +3,13 @@ is filtered, what is held out, and which old ratings are the gate's history."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from instructd.server.domain import is_held_out
 from instructd.tuner.checks import passes
 from instructd.tuner.config import TunerConfig
 from instructd.tuner.dataset import build_dataset, for_objective
+from instructd.tuner.replicas import Replicas
 from instructd.v1 import instructd_pb2 as pb
 
 LOOP = "Apples are red. Pears are green. " + "Apples are red. " * 6
@@ -113,4 +116,26 @@ def test_earlier_held_out_feedback_becomes_history_and_older_training_data_stays
     assert [e.exchange_id for e in data.history] == ["a1"] and [e.exchange_id for e in data.held_out] == ["b1"]
     assert [e.exchange_id for e in data.train] == ["b2"]  # older ratings are not trained on again...
     data = build_dataset(_config(tmp_path, include_older=True), new, old)
-    assert sorted(e.exchange_id for e in data.train) == ["a2", "b2"]  # ...unless asked
+    assert sorted(e.exchange_id for e in data.train) == ["a2", "b2"]  # ...unless asked...
+    old += _rows([("a3", "Old question 3?", "poisoned", "stop", "up", "", "u5")])  # a run rejected it as poisoning
+    data = build_dataset(_config(tmp_path), new, old, learnt=frozenset({"a2", "a1"}))
+    # ...or learnt by the serving version, relearnt by a candidate from the base; held out stays held out
+    assert sorted(e.exchange_id for e in data.train) == ["a2", "b2"] and [e.exchange_id for e in data.history] == ["a1"]
+
+
+def test_what_the_serving_version_learnt_follows_its_lineage(tmp_path):
+    """Through the parents whose weights it continued, up to one trained from the base; a version registered by hand
+    learnt from no ratings, so nothing above it can be retrained from the base (None)."""
+    def version(v, parent, **metadata):
+        return SimpleNamespace(version=v, parent_version=parent, metadata=metadata)
+
+    registry = [version(1, 0, exchange_ids=["a"], weights_from="base"), version(2, 1, exchange_ids=["a", "b"],
+                weights_from="base"), version(3, 2, exchange_ids=["c"], weights_from="parent"), version(4, 0),
+                version(5, 4, exchange_ids=["d"], weights_from="parent"), version(6, 2, exchange_ids=["e"])]
+    replicas = Replicas(_config(tmp_path))
+    replicas.primary = SimpleNamespace(adapters=lambda: (registry, 0))
+    try:
+        assert [replicas.learnt(v) for v in range(7)] == [
+            frozenset(), {"a"}, {"a", "b"}, {"a", "b", "c"}, None, None, {"a", "b", "e"}]
+    finally:
+        replicas.close()

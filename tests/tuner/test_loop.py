@@ -98,7 +98,7 @@ def test_rated_instructions_are_learnt_by_the_second_batch_of_ratings(loop_serve
     assert candidate.evaluation.passed and candidate.evaluation.candidate_suite >= 0
     # Each version was put to the suite once, and its results kept: the candidate's are its own once it serves.
     assert {p.stem for p in loop_server.tuner_dir.glob("suite-results/*.json")} == {"base", candidate.sha256}
-    assert candidate.metadata["hyperparameters"]["objective"] == "sft"
+    assert candidate.metadata["hyperparameters"]["objective"] == "sft" and candidate.metadata["weights_from"] == "base"
     assert len(candidate.metadata["exchange_ids"]) >= 20
     assert candidate.metadata["rehearsal"] >= 20  # the base's own answers to rehearsal prompts, trained on too
     trained_on = set(candidate.metadata["exchange_ids"])
@@ -144,8 +144,12 @@ def test_a_run_killed_mid_training_leaves_the_registry_clean(loop_server, loop_c
 
 
 def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client, tuner_env):
-    # Without rehearsal (the first test trained with it): this run is judged on the poisoned ratings alone.
-    subprocess.run(loop_server.tuner_command("--once", "--rehearsal", "0"), check=True, timeout=2400, env=tuner_env)
+    # Without rehearsal (the first test trained with it), and the serving adapter trained further on the new ratings
+    # alone (`--start-from serving`): the candidate the poison moves most, which the gate must stop. One from the base
+    # (the default; test_replicas trains one after a promotion) relearns what the serving version learnt as well, and
+    # there the honest majority outweighed these 80 poisoned ratings once: it beat the serving adapter and passed.
+    subprocess.run(loop_server.tuner_command("--once", "--rehearsal", "0", "--start-from", "serving"), check=True,
+                   timeout=2400, env=tuner_env)
 
     runs = loop_client.tuning_status().runs
     latest, killed = runs[0], runs[1]
@@ -156,6 +160,7 @@ def test_the_next_run_recovers_from_the_killed_one(loop_server, loop_client, tun
     assert adapters[0].status == ("canary" if latest.status == "promoted" else "rejected")  # a pass starts a canary
     assert promoted == adapters[1].version
     assert adapters[0].evaluation is not None
+    assert adapters[0].metadata["weights_from"] == "parent" and adapters[0].parent_version == promoted
     assert not list(loop_server.tuner_dir.glob("candidates/.run-*.partial"))
     same = sum(r.status == latest.status for r in runs)
     assert loop_server.metrics()[f'instructd_tuning_runs_total{{outcome="{latest.status}"}}'] == same

@@ -103,5 +103,9 @@ def test_a_replica_away_is_named_then_caught_up_then_learnt_from(cluster):
     assert runs[0].status in ("promoted", "rejected"), runs[0].reason  # b's ratings were judged...
     with a.client() as admin_a:
         latest = admin_a.tuning_status().runs[0].candidate_version
-        learnt = next(x for x in admin_a.adapters()[0] if x.version == latest).metadata["exchange_ids"]
-    assert any(i.startswith("b.") for i in learnt)  # ...and learnt from: the candidate was trained on them too
+        candidate = next(x for x in admin_a.adapters()[0] if x.version == latest)
+    learnt = set(candidate.metadata["exchange_ids"])
+    assert any(i.startswith("b.") for i in learnt)  # ...and learnt from: the candidate was trained on them too...
+    # ...from the base (the default), on everything the serving version learnt as well: nothing stacks on it.
+    assert candidate.metadata["weights_from"] == "base" and candidate.parent_version == serving_a.version
+    assert set(serving_a.metadata["exchange_ids"]) < learnt
