@@ -53,6 +53,9 @@ async def serve(config: ServerConfig) -> None:
         await access.local_admin_key(config.data_dir / ADMIN_KEY_FILE)
     metrics = Metrics(CollectorRegistry())
     metrics.registry.register(TuningCollector(store.tuning_summary))
+    # Bound before the engine starts, which takes free ports of its own (torch.distributed's): a port chosen for us
+    # but not yet bound can be taken meanwhile (a test's was, once). Until gRPC serves, instructd_health_serving is 0.
+    metrics_port = serve_metrics(metrics, config.metrics_host, config.metrics_port)
     engine = VllmEngine(config, model)
     background: list[asyncio.Task] = []
     try:
@@ -62,7 +65,6 @@ async def serve(config: ServerConfig) -> None:
         server, health_servicer = _grpc_server(config, access, Inference(engine, router, store, metrics, config, peers),
                                                router, store, metrics, peers)
         port = _listen(server, config)
-        metrics_port = serve_metrics(metrics, config.metrics_host, config.metrics_port)
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         metrics.health_serving.set(1)
