@@ -122,7 +122,7 @@ class Loop:
         """`count` users ask, read, rate; returns tallies."""
         c = self.config
         prompts = self._prompts(TRAFFIC, self.rated, count, self.rng)
-        tally = {"exchanges": 0, "up": 0, "down": 0, "corrections": 0}
+        tally = {"exchanges": 0, "up": 0, "down": 0, "corrections": 0, "by_version": {}}
         async with self.server.async_client(self.keys["users"]) as client:
             at_once = asyncio.Semaphore(AT_ONCE)
 
@@ -143,6 +143,8 @@ class Loop:
                 tally["exchanges"] += 1
                 tally["up" if good else "down"] += 1
                 tally["corrections"] += correction is not None
+                per_version = tally["by_version"].setdefault(str(answer.adapter_version), {"up": 0, "down": 0})
+                per_version["up" if good else "down"] += 1
                 bar.update()
 
             with tqdm(total=len(prompts), desc=f"{label}: users ask and rate", unit="answer") as bar:
@@ -163,8 +165,11 @@ class Loop:
                 break
             state = now
         status = next(a.status for a in client.adapters()[0] if a.version == version)
+        # The server's own tally ends with the canary, so the summary counts what the users saw in its rounds.
         return {"version": version, "rounds": rounds, "outcome": status, "last_seen": asdict(state),
-                "summary": f"{status} after {len(rounds)} round(s): {state.describe()}"}
+                "summary": f"{status} after {len(rounds)} round(s) of {c.canary_traffic} rated exchanges; in them "
+                           f"v{version} got {_ups(rounds, version)}, v{state.incumbent_version} "
+                           f"{_ups(rounds, state.incumbent_version)}"}
 
     async def measure(self, label: str, serving: int, base_plain: list[str] | None = None) -> dict:
         """Greedy answers from the serving version to every held-out prompt, judged. The version is named: a request
@@ -251,6 +256,12 @@ def _sentences(text: str) -> list[str]:
 
 def _loops(sentences: list[str]) -> bool:
     return max((sentences.count(s) for s in sentences), default=0) >= 3
+
+
+def _ups(rounds: list[dict], version: int) -> str:
+    """👍 of all ratings the users gave `version`'s answers in these rounds of traffic."""
+    up, down = (sum(r["by_version"].get(str(version), {}).get(k, 0) for r in rounds) for k in ("up", "down"))
+    return f"👍 {up}/{up + down}"
 
 
 def _share(values: list[bool]) -> float:

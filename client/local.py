@@ -4,6 +4,7 @@ operator would: for tests, benchmarks and scripts that need a real server of the
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,12 +21,37 @@ from .channel import Tls
 from .client import AsyncClient, Client
 
 CLI = [sys.executable, "-m", "instructd.client.cli"]
+_random = random.SystemRandom()
+_handed_out: set[int] = set()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, for a process started later to bind. Chosen below the kernel's ephemeral range, the ports
+    that bind(0) and outgoing connections take, such as those vLLM's engine takes as it starts: one handed out from
+    that range could be taken before its process binds it (a test server once failed with "Address already in
+    use"). Never the same port twice in one process."""
+    low, high = _below_ephemeral()
+    for _ in range(1000):
+        port = _random.randrange(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port from {low} to {high - 1}")
+
+
+def _below_ephemeral() -> tuple[int, int]:
+    """The ports free_port chooses from: the half below the ephemeral range (16384-32767 on Linux by default)."""
+    try:  # Linux; elsewhere the range starts at 32768 or above (macOS, Windows: 49152)
+        start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        start = 32768
+    return max(1024, start // 2), max(start, 2048)
 
 
 def tuner_command(targets: list[str], work_dir: Path, *args: str) -> list[str]:
