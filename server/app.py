@@ -147,7 +147,7 @@ async def _start_tuner(config: ServerConfig, access: Access, model, port: int) -
     through its environment (never on its command line, which any local user can read)."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     command = [sys.executable, "-m", "instructd.client.cli", "tuner", "--target", f"{host}:{port}",
-               "--work-dir", str(config.data_dir / "tuner"), "--model", str(model)]
+               "--work-dir", str(config.data_dir / "tuner"), "--model", str(model), "--exit-with-parent"]
     env = dict(os.environ)
     if config.auth:
         env[ENV_API_KEY] = await access.tuner_key(config.data_dir / TUNER_KEY_FILE)
