@@ -153,12 +153,8 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
 @click.option("--poll-seconds", default=TunerConfig.poll_seconds, show_default=True,
               help="How often to look for requests, new ratings and replicas to bring in step.")
 @click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
-@click.option("--exit-with-parent", is_flag=True,
-              help="Exit when the process that started this one dies, even by kill -9 (`instructd serve` starts "
-                   "its tuner so: a restarted server starts a tuner of its own).")
 def tuner(target, work_dir, model, objective, trainer, launcher, steps, epochs, learning_rate, rank, min_new_ratings,
-          period, start_from, include_older, blocklist, rehearsal, classifier, poll_seconds, once,
-          exit_with_parent) -> None:
+          period, start_from, include_older, blocklist, rehearsal, classifier, poll_seconds, once) -> None:
     """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners. It needs a
     tuner key ($INSTRUCTD_API_KEY; `instructd serve` gives the tuner it starts one) and runs anywhere.
 
@@ -171,12 +167,9 @@ def tuner(target, work_dir, model, objective, trainer, launcher, steps, epochs, 
     import logging
 
     from instructd.server.config import default_cache, default_home
-    from instructd.server.lifetime import exit_with_parent as watch_parent
     from instructd.server.model import default_model
     from instructd.tuner.scheduler import run_tuner
 
-    if exit_with_parent:
-        watch_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = TunerConfig(

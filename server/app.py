@@ -26,6 +26,7 @@ from .domain import Limits
 from .engine import VllmEngine
 from .inference import Inference
 from .interceptor import CallGate
+from .lifetime import end_with_this_process
 from .limits import RateLimiter
 from .metrics import Metrics, TuningCollector, serve_metrics
 from .model import default_model
@@ -147,12 +148,14 @@ async def _start_tuner(config: ServerConfig, access: Access, model, port: int) -
     through its environment (never on its command line, which any local user can read)."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     command = [sys.executable, "-m", "instructd.client.cli", "tuner", "--target", f"{host}:{port}",
-               "--work-dir", str(config.data_dir / "tuner"), "--model", str(model), "--exit-with-parent"]
+               "--work-dir", str(config.data_dir / "tuner"), "--model", str(model)]
     env = dict(os.environ)
     if config.auth:
         env[ENV_API_KEY] = await access.tuner_key(config.data_dir / TUNER_KEY_FILE)
     log.info("starting the tuner: %s", " ".join(command[2:]))
-    return subprocess.Popen(command, env=env)
+    tuner = subprocess.Popen(command, env=env)
+    end_with_this_process([tuner.pid])  # a restarted server never runs beside its killed predecessor's tuner
+    return tuner
 
 
 async def _expire(store: Store, days: float) -> None:

@@ -21,7 +21,7 @@ from .chat import ChatTokenizer
 from .config import ENV_KV_CACHE, ENV_RESERVED_CPUS, ServerConfig
 from .domain import Sampling
 from .errors import FailedPrecondition, InvalidRequest, Unavailable, preview
-from .lifetime import children_end_with_this_process
+from .lifetime import children, end_with_this_process
 
 log = logging.getLogger(__name__)
 # LoRA ids for trial loads of folders being registered: far above any version number, which is also its id.
@@ -109,7 +109,7 @@ class VllmEngine:
         if not current_platform.is_cpu():
             args.gpu_memory_utilization = config.gpu_memory_utilization
         self._llm = AsyncLLM.from_engine_args(args)
-        children_end_with_this_process()  # vLLM's engine core, even if this process is killed with -9
+        end_with_this_process(children())  # vLLM's engine core, even if this process is killed with -9
         self._chat = ChatTokenizer(model)
         self._trial_ids = itertools.count(_TRIAL_LORA_IDS)
         self.max_model_len = self._llm.model_config.max_model_len

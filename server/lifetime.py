@@ -1,6 +1,6 @@
 """Processes that end with the server: kill -9 of the server's pid alone must not leave vLLM's engine core holding
 the model's memory and CPU cores, nor `instructd serve`'s tuner beside the one a restart starts. vLLM's workers
-watch their engine core, but the engine core (spawned, not forked, on CPU) watches nothing."""
+watch their engine core, but the engine core (spawned, not forked, on CPU) watches nothing, nor does the tuner."""
 
 from __future__ import annotations
 
@@ -8,45 +8,31 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 GRACE_SECONDS = 10.0
-_kept: list = []  # each watchdog and its pipe's writer, open for as long as this process lives
+_watchdog: list = []  # the watchdog process and its pipe's writer, open for as long as this process lives
 
 
-def exit_with_parent(every: float = 1.0) -> None:
-    """Ends this process once its parent is gone (it was re-parented): SIGTERM to itself, so that its own handlers
-    shut it down cleanly, then SIGKILL if it still runs `GRACE_SECONDS` later. Watches from a daemon thread."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(GRACE_SECONDS)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="instructd-exit-with-parent", daemon=True).start()
+def end_with_this_process(pids: Iterable[int]) -> None:
+    """Has a watchdog process end `pids` once this process has exited for any reason, kill -9 included: SIGTERM,
+    then SIGKILL to those still running `GRACE_SECONDS` later. The watchdog, started by the first call, is told
+    each pid on a pipe whose only writer is this process and learns of its exit as EOF there; a process is known
+    by its pid and start time, so a reused pid is spared."""
+    if not _watchdog:
+        read, write = os.pipe()  # both ends non-inheritable: no other child holds the writer
+        _watchdog.extend([subprocess.Popen([sys.executable, "-m", __name__], stdin=read), write])
+        os.close(read)
+    known = [(pid, fields[19]) for pid in pids if (fields := _stat(Path(f"/proc/{pid}/stat")))]
+    os.write(_watchdog[1], "".join(f"{pid}:{start}\n" for pid, start in known).encode())
 
 
-def children_end_with_this_process() -> None:
-    """Starts a watchdog process that, once this one has exited for any reason, ends the children it has now:
-    SIGTERM, then SIGKILL to those still running `GRACE_SECONDS` later. It learns of the exit as EOF on a pipe
-    whose only writer is this process; a child is known by its pid and start time, so a reused pid is spared."""
-    children = [f"{pid}:{start}" for pid, start in _children(os.getpid())]
-    read, write = os.pipe()  # both ends non-inheritable: no other child holds the writer
-    _kept.append((subprocess.Popen([sys.executable, "-m", __name__, *children], stdin=read), write))
-    os.close(read)
-
-
-def _children(parent: int) -> list[tuple[int, int]]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        if (fields := _stat(stat)) and int(fields[1]) == parent:
-            found.append((int(stat.parent.name), int(fields[19])))
-    return found
+def children() -> list[int]:
+    """The pids of this process's children now."""
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+            if (fields := _stat(stat)) and int(fields[1]) == os.getpid()]
 
 
 def _stat(path: Path) -> list[str] | None:
@@ -62,20 +48,21 @@ def _running(pid: int, start: int) -> bool:
     return bool(fields) and fields[0] != "Z" and int(fields[19]) == start
 
 
-def _watchdog(children: list[tuple[int, int]]) -> None:
-    sys.stdin.buffer.read()  # returns at EOF: the process that started this one has exited
-    _signal(children, signal.SIGTERM)
+def _watch() -> None:
+    watched = [tuple(map(int, line.split(":"))) for line in sys.stdin]  # until EOF: the server has exited
+    _signal(watched, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_SECONDS
-    while any(_running(*child) for child in children) and time.monotonic() < deadline:
+    while any(_running(*process) for process in watched) and time.monotonic() < deadline:
         time.sleep(0.1)
-    _signal(children, signal.SIGKILL)
+    _signal(watched, signal.SIGKILL)
 
 
-def _signal(children: list[tuple[int, int]], sig: int) -> None:
-    for pid, start in children:
+def _signal(processes: list[tuple[int, int]], sig: int) -> None:
+    for pid, start in processes:
         if _running(pid, start):
             os.kill(pid, sig)
 
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the server, which then ends its children
-    _watchdog([tuple(map(int, arg.split(":"))) for arg in sys.argv[1:]])
+    _watch()
