@@ -37,10 +37,14 @@ from .ifeval import Judge
 from .loop import QUICK, Loop, LoopConfig, _environment, instruction_types
 from .report import GROUPS, paired_interval
 
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RECIPES = {"no-rehearsal": ("feedback alone", {"rehearsal": 0}),
            "default": ("feedback + rehearsal (default)", {}),
            "lr-3e-4": ("feedback + rehearsal, learning rate 3e-4", {"learning_rate": 3e-4}),
-           "kto": ("feedback + rehearsal, kto", {"objective": "kto"})}
+           "kto": ("feedback + rehearsal, kto", {"objective": "kto"}),
+           "all-linear": ("feedback + rehearsal, LoRA on attention and MLP", {"target_modules": ALL_LINEAR}),
+           "all-linear-r16": ("feedback + rehearsal, LoRA on attention and MLP, rank 16",
+                              {"target_modules": ALL_LINEAR, "rank": 16, "lora_alpha": 32})}
 """Key -> (name in the results, TunerConfig fields that differ from the tuner's defaults)."""
 
 
