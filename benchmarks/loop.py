@@ -342,9 +342,18 @@ def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
 def _environment() -> dict:
     import torch
     import vllm
-    return {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "vllm": vllm.__version__,
+    return {"cpus": os.cpu_count(), "cpu": _cpu_model(), "machine": platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "vllm": vllm.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux): two runs of one recipe on one seed differed; the CPU may be why."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 @click.command(help=__doc__)

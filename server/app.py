@@ -48,11 +48,11 @@ async def serve(config: ServerConfig) -> None:
         raise SystemExit(f"instructd: {model} is not a Hugging Face model folder (no config.json)")
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the database, the keys, the adapter copies
     config.adapter_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(config.db_path)
+    metrics = Metrics(CollectorRegistry())
+    store = Store(config.db_path, on_batch=metrics.write_batch)
     access = await Access.open(store)
     if config.auth:
         await access.local_admin_key(config.data_dir / ADMIN_KEY_FILE)
-    metrics = Metrics(CollectorRegistry())
     metrics.registry.register(TuningCollector(store.tuning_summary))
     # Bound before the engine starts, which takes free ports of its own (torch.distributed's): a port chosen for us
     # but not yet bound can be taken meanwhile (a test's was, once). Until gRPC serves, instructd_health_serving is 0.

@@ -31,6 +31,7 @@ _CODES = (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.
 # fires there.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)  # a group commit: well under 10 ms
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # 256: the most writes the store's writer commits at once
 RATINGS = ("up", "down")
 # Versions that carry their own adapter_version label value, in order of precedence when one version has two roles.
 ROLES = ("serving", "canary", "previous", "candidate")
@@ -74,6 +75,12 @@ class Metrics:
         # What answering only once the exchange is committed adds to a request: the wait for the commit.
         self.commit_seconds = Histogram("exchange_commit_wait_seconds", "Time an answer waited for its exchange to be "
                                         "committed before it was sent.", buckets=COMMIT_BUCKETS, **ns)
+        # The store's writer (one thread, group commit): how many writes share a commit, and how busy it is.
+        self.write_batch_writes = Histogram("store_write_batch_writes", "Writes (ratings, exchanges, ...) the store "
+                                            "committed together.", buckets=BATCH_BUCKETS, **ns)
+        self.write_batch_seconds = Histogram("store_write_batch_seconds", "Time the store's writer took to run and "
+                                             "commit one batch; the rate of its sum is the share of time it is in "
+                                             "one.", buckets=COMMIT_BUCKETS, **ns)
         self.canary_version = Gauge("canary_adapter_version", "Adapter version serving as a canary (0: none).", **ns)
         self.canary_share = Gauge("canary_share", "Share of users routed to the canary (0: no canary).", **ns)
         self.canary_users = Gauge("canary_users", "Distinct users the canary has answered (a request "
@@ -132,6 +139,11 @@ class Metrics:
         if self._roles.get("canary") != (canary.record.version if canary else None):
             self._roles["canary"] = canary.record.version if canary else None
             self._relabel()
+
+    def write_batch(self, writes: int, seconds: float) -> None:
+        """The store's on_batch: called from its writer thread (prometheus_client's metrics are thread-safe)."""
+        self.write_batch_writes.observe(writes)
+        self.write_batch_seconds.observe(seconds)
 
     def count_feedback(self, rating: str, version: int) -> None:
         """Counts a committed rating under the version that answered, or under 'other' for a version without a role."""

@@ -7,6 +7,7 @@ import asyncio
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -19,13 +20,15 @@ from ..domain import Audit
 from .schema import immediate, open_db, utc_now
 
 Job = Callable[[sqlite_utils.Database], Any]
+BatchObserver = Callable[[int, float], None]  # (writes in one commit, seconds to run and commit them)
 
 
 class StoreBase:
     """Reads run in worker threads; writes in the writer thread."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, on_batch: BatchObserver = lambda writes, seconds: None) -> None:
+        """`on_batch` is told of each batch the writer committed, in the writer thread (it must not raise)."""
+        self.path, self._on_batch = path, on_batch
         open_db(path).close()
         self._queue: queue.Queue[tuple[Job, Future] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
@@ -39,12 +42,15 @@ class StoreBase:
                 batch.append(self._queue.get_nowait())
             jobs = [job for job in batch if job is not None]
             results: list[tuple[Any, BaseException | None]] = []
+            started = time.perf_counter()
             try:
                 with immediate(db):  # the write lock from BEGIN on: a tuner's commit cannot fail this batch
                     results = [_in_savepoint(db, fn) for fn, _ in jobs]
             except Exception as exc:  # the commit itself failed: nothing in the batch is stored
                 results = [(None, exc)] * len(jobs)
             _settle([waiter for _, waiter in jobs], results)
+            if jobs:  # not the closing sentinel's empty batch
+                self._on_batch(len(jobs), time.perf_counter() - started)
             if None in batch:
                 db.close()
                 return

@@ -52,6 +52,9 @@ def test_stats_and_metrics_count_exchanges_and_ratings(server, client):
     assert moved("instructd_prompt_tokens_total") == answer.prompt_tokens
     assert moved('instructd_request_duration_seconds_count{method="Generate"}') == 1
     assert moved("instructd_time_to_first_token_seconds_count") == 1
+    assert moved("instructd_store_write_batch_writes_sum") >= 2  # the exchange and the rating, at least
+    assert moved("instructd_store_write_batch_writes_count") >= 1  # batches; a key's "last used" may make one more
+    assert moved("instructd_store_write_batch_seconds_count") >= 1
     assert after['instructd_requests_in_flight{method="Generate"}'] == 0
     assert after["instructd_promoted_adapter_version"] == client.stats().promoted_version
     assert any(k.startswith("vllm:") for k in after), "vLLM's engine metrics belong on the same page"

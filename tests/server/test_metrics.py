@@ -66,6 +66,21 @@ def test_a_promotion_shows_the_serving_version_since_when_and_what_it_replaced()
                  previous_version="0") is None  # one series: the serving version's
 
 
+def test_the_store_s_writer_reports_each_batch_it_commits(tmp_path):
+    metrics = Metrics(CollectorRegistry())
+    store = Store(tmp_path / "instructd.db", on_batch=metrics.write_batch)
+    request = GenerationRequest(({"role": "user", "content": "hi"},), Sampling(), AdapterChoice())
+    writes = [store.log_exchange(request, Completion(f"e{i}", "hello", "stop", 3, 1, 0)) for i in range(40)]
+    for write in writes:
+        write.result(timeout=30)
+    store.close()
+    batches = value(metrics, "instructd_store_write_batch_writes_count")
+    assert value(metrics, "instructd_store_write_batch_writes_sum") == 40  # every write, in some batch
+    assert 1 <= batches <= 40
+    assert value(metrics, "instructd_store_write_batch_seconds_count") == batches
+    assert value(metrics, "instructd_store_write_batch_seconds_sum") > 0
+
+
 def test_tuning_metrics_count_unlearned_ratings_and_failures_in_a_row(tmp_path):
     store = Store(tmp_path / "instructd.db")
     tuner = Principal("t1", "instructd-tuner", Role.TUNER)
