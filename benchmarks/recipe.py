@@ -30,7 +30,7 @@ from instructd.server.config import ENV_API_KEY, default_cache
 from instructd.server.model import default_model
 from instructd.tuner.config import TunerConfig
 from instructd.tuner.dataset import build_dataset, for_objective
-from instructd.tuner.rehearsal import rehearsal_examples
+from instructd.tuner.rehearsal import rehearsal_examples, with_rehearsal
 from instructd.tuner.train import train_adapter
 
 from .ifeval import Judge
@@ -44,7 +44,9 @@ RECIPES = {"no-rehearsal": ("feedback alone", {"rehearsal": 0}),
            "kto": ("feedback + rehearsal, kto", {"objective": "kto"}),
            "all-linear": ("feedback + rehearsal, LoRA on attention and MLP", {"target_modules": ALL_LINEAR}),
            "all-linear-r16": ("feedback + rehearsal, LoRA on attention and MLP, rank 16",
-                              {"target_modules": ALL_LINEAR, "rank": 16, "lora_alpha": 32})}
+                              {"target_modules": ALL_LINEAR, "rank": 16, "lora_alpha": 32}),
+           "rehearsal-two-thirds": ("feedback + rehearsal repeated to two thirds of the examples, 150 steps",
+                                    {"rehearsal_share": 2 / 3, "steps": 150})}
 """Key -> (name in the results, TunerConfig fields that differ from the tuner's defaults)."""
 
 
@@ -75,7 +77,7 @@ def run_recipes(loop_config: LoopConfig, traffic: int, steps: int | None, recipe
             config = replace(base_config, **fields)
             rehearsal = rehearsal_examples(config)
             out = server.adapter_dir / f"recipe-{len(measured)}"  # where the server registers adapters from
-            trained = train_adapter(config, data.train + rehearsal, out, parent=None)
+            trained = train_adapter(config, with_rehearsal(config, data.train, rehearsal), out, parent=None)
             with server.client() as admin:
                 version = admin.register(str(out), metadata={"recipe": name}).version
             measured[name] = asyncio.run(loop.measure(name, version))

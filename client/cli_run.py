@@ -149,12 +149,16 @@ def serve(adapter_dir, data_dir, no_auth, fire_and_forget, peers, **options) -> 
 @click.option("--rehearsal", default=TunerConfig.rehearsal, show_default=True,
               help="Plain prompts of the tuner's own whose base answers each run also trains on, so that what users "
                    "did not rate keeps the base's behaviour (0: feedback alone).")
+@click.option("--rehearsal-share", default=TunerConfig.rehearsal_share, show_default=True,
+              help="Repeat the rehearsal answers until they are this share of the examples learnt from (0: once "
+                   "each), e.g. 0.67 with --steps 150.")
 @click.option("--classifier", default="", help="'module:function' returning True for an example to leave out.")
 @click.option("--poll-seconds", default=TunerConfig.poll_seconds, show_default=True,
               help="How often to look for requests, new ratings and replicas to bring in step.")
 @click.option("--once", is_flag=True, help="Run one tuning cycle now, then exit.")
 def tuner(target, work_dir, model, objective, trainer, launcher, steps, epochs, learning_rate, rank, min_new_ratings,
-          period, start_from, include_older, blocklist, rehearsal, classifier, poll_seconds, once) -> None:
+          period, start_from, include_older, blocklist, rehearsal, rehearsal_share, classifier, poll_seconds,
+          once) -> None:
     """Run the tuner: it turns new ratings into LoRA candidates, gates them, promotes the winners. It needs a
     tuner key ($INSTRUCTD_API_KEY; `instructd serve` gives the tuner it starts one) and runs anywhere.
 
@@ -177,7 +181,8 @@ def tuner(target, work_dir, model, objective, trainer, launcher, steps, epochs, 
             targets=tuple(t.strip() for t in target.split(",") if t.strip()), objective=objective, trainer=trainer,
             launcher=launcher, steps=steps, epochs=epochs, learning_rate=learning_rate, rank=rank, lora_alpha=2 * rank,
             min_new_ratings=min_new_ratings, period_seconds=period, start_from=start_from,
-            include_older=include_older, blocklist=tuple(blocklist), rehearsal=rehearsal, poll_seconds=poll_seconds)
+            include_older=include_older, blocklist=tuple(blocklist), rehearsal=rehearsal,
+            rehearsal_share=rehearsal_share, poll_seconds=poll_seconds)
     except ValueError as error:  # the config's own checks, said as a usage error
         raise click.UsageError(str(error)) from None
     run_tuner(config, once=once, classifier=classifier)

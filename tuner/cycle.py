@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from .config import TunerConfig
 from .dataset import build_dataset, for_objective, load_classifier
 from .evaluate import Version, judge, keeps_ratings
-from .rehearsal import rehearsal_examples
+from .rehearsal import rehearsal_examples, with_rehearsal
 from .replicas import Replicas
 from .train import train_adapter
 
@@ -54,7 +54,7 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
         rehearsal = rehearsal_examples(config)
         lineage = {"run_id": run.id, "base_model": config.model.name, "parent_sha256": serving.sha256 if serving else "",
                    "rehearsal": len(rehearsal), "weights_from": "base" if from_base else "parent"}
-        result = train_adapter(config, data.train + rehearsal, partial, None if from_base else parent,
+        result = train_adapter(config, with_rehearsal(config, data.train, rehearsal), partial, None if from_base else parent,
                                metadata=lineage, progress=run.progress)
         partial.rename(out)
 

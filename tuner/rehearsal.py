@@ -16,7 +16,7 @@ from instructd.client import ApiError, AsyncClient
 
 from .checks import answered, repetition
 from .config import TunerConfig
-from .dataset import Example
+from .dataset import Example, for_objective
 
 log = logging.getLogger("instructd.tuner")
 PROMPTS = Path(__file__).with_name("rehearsal.json")
@@ -53,6 +53,16 @@ def rehearsal_examples(config: TunerConfig) -> list[Example]:
         partial.write_text(json.dumps({key: answers}, indent=1))
         os.replace(partial, cache)
     return [Example("", (("user", p),), answers[p], True) for p in prompts if answers.get(p)]
+
+
+def with_rehearsal(config: TunerConfig, train: list[Example], rehearsal: list[Example]) -> list[Example]:
+    """`train` and then `rehearsal`, each rehearsal example once or, in turn, as often as it takes for them to make up
+    `config.rehearsal_share` of what the objective learns from (sft: not the 👎 answers in `train`)."""
+    if not rehearsal:
+        return list(train)
+    learnt = len(for_objective(train, config.objective))
+    wanted = round(config.rehearsal_share / (1 - config.rehearsal_share) * learnt)
+    return list(train) + [rehearsal[i % len(rehearsal)] for i in range(max(len(rehearsal), wanted))]
 
 
 def keep(text: str, max_repetition: float) -> bool:

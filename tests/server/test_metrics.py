@@ -15,6 +15,8 @@ from instructd.server.records import RunTrigger
 from instructd.server.store import Store
 from instructd.v1 import instructd_pb2 as pb
 
+HI = GenerationRequest(({"role": "user", "content": "hi"},), Sampling(), AdapterChoice())
+
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
@@ -69,8 +71,7 @@ def test_a_promotion_shows_the_serving_version_since_when_and_what_it_replaced()
 def test_the_store_s_writer_reports_each_batch_it_commits(tmp_path):
     metrics = Metrics(CollectorRegistry())
     store = Store(tmp_path / "instructd.db", on_batch=metrics.write_batch)
-    request = GenerationRequest(({"role": "user", "content": "hi"},), Sampling(), AdapterChoice())
-    writes = [store.log_exchange(request, Completion(f"e{i}", "hello", "stop", 3, 1, 0)) for i in range(40)]
+    writes = [store.log_exchange(HI, Completion(f"e{i}", "hello", "stop", 3, 1, 0)) for i in range(40)]
     for write in writes:
         write.result(timeout=30)
     store.close()
@@ -86,8 +87,7 @@ def test_tuning_metrics_count_unlearned_ratings_and_failures_in_a_row(tmp_path):
     tuner = Principal("t1", "instructd-tuner", Role.TUNER)
 
     async def rate(i: int) -> int:
-        request = GenerationRequest(({"role": "user", "content": "hi"},), Sampling(), AdapterChoice())
-        await asyncio.wrap_future(store.log_exchange(request, Completion(f"e{i}", "hello", "stop", 3, 1, 0)))
+        await asyncio.wrap_future(store.log_exchange(HI, Completion(f"e{i}", "hello", "stop", 3, 1, 0)))
         await store.record_feedback(FeedbackInput(f"e{i}", "up"))
         return (await store.tuning_status(1)).newest_cursor
 

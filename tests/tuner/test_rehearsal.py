@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from instructd.tuner.config import TunerConfig
-from instructd.tuner.rehearsal import DECODINGS, keep, rehearsal_examples, rehearsal_prompts
+from instructd.tuner.dataset import Example
+from instructd.tuner.rehearsal import DECODINGS, keep, rehearsal_examples, rehearsal_prompts, with_rehearsal
 
 ROOT = Path(__file__).parents[2]
 JUDGED_OR_ASKED = ("tuner/suite.json", "benchmarks/tasks.py", "benchmarks/feedback_data.py",
@@ -49,3 +51,26 @@ def test_a_server_that_does_not_answer_leaves_those_prompts_for_the_next_run(tmp
     (tmp_path / "rehearsal-answers.json").write_text(json.dumps({key: {first: "An answer."}}))
     assert [e.answer for e in rehearsal_examples(config)] == ["An answer."]
     assert json.loads((tmp_path / "rehearsal-answers.json").read_text()) == {key: {first: "An answer."}}
+
+
+def _example(name: str, desirable: bool = True) -> Example:
+    return Example(name, (("user", f"Prompt {name}."),), f"Answer {name}.", desirable)
+
+
+def test_rehearsal_is_repeated_to_its_share_of_what_the_objective_learns_from(tmp_path):
+    """sft learns from the three wanted answers, not the 👎 one: two thirds of rehearsal beside them is six
+    examples, the two rehearsal answers in turn; kto learns from all four (eight); no share: each once."""
+    train = [_example("a"), _example("b"), _example("c"), _example("d", desirable=False)]
+    rehearsal = [_example("r1"), _example("r2")]
+
+    def names(share: float, objective: str = "sft") -> list[str]:
+        config = TunerConfig(work_dir=tmp_path, model=tmp_path, rehearsal_share=share, objective=objective)
+        return [e.exchange_id for e in with_rehearsal(config, train, rehearsal)]
+
+    assert names(2 / 3) == ["a", "b", "c", "d"] + ["r1", "r2"] * 3
+    assert names(2 / 3, "kto") == ["a", "b", "c", "d"] + ["r1", "r2"] * 4
+    assert names(0) == ["a", "b", "c", "d", "r1", "r2"]
+    assert names(0.1) == ["a", "b", "c", "d", "r1", "r2"]  # never fewer than each once
+    assert with_rehearsal(TunerConfig(work_dir=tmp_path, model=tmp_path, rehearsal_share=0.5), train, []) == train
+    with pytest.raises(ValueError, match="rehearsal_share"):
+        TunerConfig(work_dir=tmp_path, model=tmp_path, rehearsal_share=1)
