@@ -41,6 +41,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 RECIPES = {"no-rehearsal": ("feedback alone", {"rehearsal": 0}),
            "default": ("feedback + rehearsal (default)", {}),
            "lr-3e-4": ("feedback + rehearsal, learning rate 3e-4", {"learning_rate": 3e-4}),
+           "lr-2e-3": ("feedback + rehearsal, learning rate 2e-3", {"learning_rate": 2e-3}),
+           "lr-4e-3": ("feedback + rehearsal, learning rate 4e-3", {"learning_rate": 4e-3}),
            "kto": ("feedback + rehearsal, kto", {"objective": "kto"}),
            "all-linear": ("feedback + rehearsal, LoRA on attention and MLP", {"target_modules": ALL_LINEAR}),
            "all-linear-r16": ("feedback + rehearsal, LoRA on attention and MLP, rank 16",
