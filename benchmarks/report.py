@@ -1,5 +1,6 @@
 """Writes a loop benchmark's results: loop-<date>-seed<N>.json (-quick.json for a smoke run; every number and the
-configuration), a plot of accuracy per cycle, and a short markdown report with the headline table."""
+configuration), a plot of accuracy per cycle, and a short markdown report with the headline table; and the results
+of the benchmarks that need no plot (write_results)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def write_report(result: dict, out_dir: Path) -> Path:
     _plot(result, stem.with_suffix(".png"))
     stem.with_suffix(".md").write_text(markdown(result, stem.with_suffix(".png").name))
     return stem.with_suffix(".json")
+
+
+def write_results(out_dir: Path, name: str, results: dict, text: str) -> Path:
+    """A benchmark's results as <name>-<date>.json (every number) and .md (`text`) in out_dir; the .md's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{name}-{datetime.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    stem.with_suffix(".md").write_text(text)
+    return stem.with_suffix(".md")
 
 
 def paired_interval(before: list[bool], after: list[bool], draws: int = 10_000) -> dict:

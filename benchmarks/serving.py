@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import json
 import statistics
 import tempfile
 import time
@@ -35,6 +33,7 @@ from instructd.client.local import LocalServer
 from instructd.v1 import instructd_pb2_grpc as pb_grpc
 
 from .loop import _environment
+from .report import write_results
 
 CHATS, TOKENS, CONCURRENCY, CALLERS, ROUNDS = 64, 128, 16, 64, 3
 DEFAULT = "default (durable, auth)"
@@ -171,10 +170,7 @@ def report(results: dict) -> str:
 def main(out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="instructd-bench-") as work:
         results = measure(Path(work))
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serving-{datetime.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".md").write_text(f"# Serving: what durability and identity cost\n\n{report(results)}")
+    write_results(out, "serving", results, f"# Serving: what durability and identity cost\n\n{report(results)}")
     click.echo(report(results))
 
 

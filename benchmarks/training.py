@@ -18,7 +18,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import click
