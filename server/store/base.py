@@ -48,9 +48,9 @@ class StoreBase:
                     results = [_in_savepoint(db, fn) for fn, _ in jobs]
             except Exception as exc:  # the commit itself failed: nothing in the batch is stored
                 results = [(None, exc)] * len(jobs)
+            if jobs:  # not the closing sentinel's empty batch; told before the waiters wake, so what they see next
+                self._on_batch(len(jobs), time.perf_counter() - started)  # (a metrics scrape) counts their batch
             _settle([waiter for _, waiter in jobs], results)
-            if jobs:  # not the closing sentinel's empty batch
-                self._on_batch(len(jobs), time.perf_counter() - started)
             if None in batch:
                 db.close()
                 return

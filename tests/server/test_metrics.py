@@ -4,6 +4,7 @@ values stay bounded, promotions are visible, the tuner's numbers come from the s
 from __future__ import annotations
 
 import asyncio
+import time
 from wsgiref.util import setup_testing_defaults
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -80,6 +81,25 @@ def test_the_store_s_writer_reports_each_batch_it_commits(tmp_path):
     assert 1 <= batches <= 40
     assert value(metrics, "instructd_store_write_batch_seconds_count") == batches
     assert value(metrics, "instructd_store_write_batch_seconds_sum") > 0
+
+
+def test_a_committed_write_is_counted_before_its_caller_wakes(tmp_path):
+    """A scrape right after an awaited write must count it (CI once saw the feedback test's rating uncounted)."""
+    seen: list[int] = []
+
+    def slow_observer(writes: int, seconds: float) -> None:
+        time.sleep(0.2)  # a slow scrape-side update: the caller must still find it done
+        seen.append(writes)
+
+    store = Store(tmp_path / "instructd.db", on_batch=slow_observer)
+    try:
+        for i in range(3):  # an awaited write, then a write whose future is waited on: both counted on waking
+            asyncio.run(store.replica_id(f"r{i}"))
+            assert sum(seen) == 2 * i + 1
+            store.log_exchange(HI, Completion(f"e{i}", "hello", "stop", 3, 1, 0)).result(timeout=30)
+            assert sum(seen) == 2 * i + 2
+    finally:
+        store.close()
 
 
 def test_tuning_metrics_count_unlearned_ratings_and_failures_in_a_row(tmp_path):
