@@ -5,7 +5,7 @@ it counts identical answers and changed plain-quality verdicts between the runs.
 
 \b
 Example:
-    .venv/bin/python -m benchmarks.determinism          # about 8 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.determinism          # about 6 minutes on 2 CPU cores
 """
 
 from __future__ import annotations

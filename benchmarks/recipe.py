@@ -48,7 +48,9 @@ RECIPES = {"no-rehearsal": ("feedback alone", {"rehearsal": 0}),
            "all-linear-r16": ("feedback + rehearsal, LoRA on attention and MLP, rank 16",
                               {"target_modules": ALL_LINEAR, "rank": 16, "lora_alpha": 32}),
            "rehearsal-two-thirds": ("feedback + rehearsal repeated to two thirds of the examples, 150 steps",
-                                    {"rehearsal_share": 2 / 3, "steps": 150})}
+                                    {"rehearsal_share": 2 / 3, "steps": 150}),
+           "lr-4e-3-rehearsal-two-thirds": ("feedback + rehearsal repeated to two thirds, 150 steps, learning rate 4e-3",
+                                            {"rehearsal_share": 2 / 3, "steps": 150, "learning_rate": 4e-3})}
 """Key -> (name in the results, TunerConfig fields that differ from the tuner's defaults)."""
 
 

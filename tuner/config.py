@@ -56,7 +56,9 @@ class TunerConfig:
     rehearsal_share: float = 0.0
     """Repeat the rehearsal examples until they are this share of what the objective learns from (0: each once).
     On the recipe benchmark, two thirds with 150 steps did not beat the default (rehearsal once, 60 steps): rated
-    -3.6 (-10.7 to +3.6), plain +3.8 (-10.0 to +17.5); benchmarks/results/recipe-2026-12-05-rehearsal-share.md."""
+    -3.6 (-10.7 to +3.6), plain +3.8 (-10.0 to +17.5); benchmarks/results/recipe-2026-12-05-rehearsal-share.md.
+    At learning rate 4e-3 it held plain at +17.5 (+3.8 to +31.2) against -10.0 without it, rated +34.3 against +36.4
+    (recipe-2026-12-06.md), but trained 17 minutes against 3 on 2 CPU cores: a candidate default, not yet the loop's."""
     steps: int = 60
     """Most training steps per run."""
     epochs: float = 3.0
