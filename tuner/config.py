@@ -76,7 +76,8 @@ class TunerConfig:
     seed: int = 0
     improvement_z: float = 1.0
     """The candidate must widen the 👍/👎 margin on new held-out feedback by more than this many standard errors
-    of the per-answer differences: a run that barely moved the model (a few examples) is not promoted."""
+    of the per-answer differences: a run that barely moved the model (a few examples) is not promoted. One retrained
+    from the base on all the serving adapter learnt need only not fall by `history_z` (evaluate.new_feedback_fails)."""
     history_tolerance: float = 0.05
     """A candidate is rejected when its 👍/👎 margin on earlier held-out feedback (mean log-likelihood per
     token) falls below the serving adapter's by more than this..."""

@@ -65,7 +65,8 @@ def run_cycle(config: TunerConfig, replicas: Replicas, trigger: str, classifier:
                    loss=result.final_loss)
         candidate = candidates[config.primary]
         verdict = judge(config, Version(candidate.version, out, candidate.sha256),
-                        Version(current, parent, serving.sha256 if serving else ""), data.held_out, data.history)
+                        Version(current, parent, serving.sha256 if serving else ""), data.held_out, data.history,
+                        retrains_current=from_base)
         replicas.judged(candidates, verdict)
         outcome, kept = "promoted" if verdict.passed else "rejected", keeps_ratings(verdict)
         reason = verdict.reason + ("; its ratings stay for the next run" if kept else "")

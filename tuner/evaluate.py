@@ -73,6 +73,26 @@ def contradicts(change: float, se: float, config: TunerConfig) -> bool:
     return change < -config.history_tolerance or change + config.history_z * se < 0
 
 
+def new_feedback_fails(change: float, se: float, held_out: list[Example], config: TunerConfig,
+                       retrains_adapter: bool) -> int:
+    """The test on new held-out feedback: the decision that rejects a candidate whose 👍/👎 margin there changed by
+    `change` (standard error `se`) against the serving version's, or 0 where it passes.
+
+    Against the base, or an adapter it was not retrained from, the candidate must be better by `improvement_z`
+    standard errors: a run that barely moved the model is not promoted. A candidate trained from the base on all
+    that the serving adapter learnt and the new ratings (`retrains_adapter`) holds that version's evidence and more,
+    and scores much as it does on answers that version gave: it need only not be clearly worse (by `history_z`
+    standard errors, as on earlier feedback); the suite and the live canary judge it further. Demanding a gain there
+    froze learning after the first promotion: in the closed loop (loop-2026-12-04-seed0.md) the candidates of cycles
+    2 and 3, on 219 and 304 examples, matched v1 (margin change +0.007 and -0.007, standard errors 0.025 and 0.015)
+    and were rejected, so rated types stayed at v1's."""
+    if not held_out or not math.isfinite(se):  # nothing to judge by, either way
+        return pb.GATE_TOO_LITTLE_EVIDENCE
+    if retrains_adapter:
+        return pb.GATE_WORSE_ON_NEW_FEEDBACK if change + config.history_z * se < 0 else 0
+    return pb.GATE_TOO_LITTLE_EVIDENCE if change - config.improvement_z * se <= 0 else 0
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -177,12 +197,13 @@ def paired_loss(candidate: list[bool], current: list[bool]) -> tuple[int, int, f
 
 
 def judge(config: TunerConfig, candidate: Version, current: Version, held_out: list[Example],
-          history: list[Example]) -> pb.Verdict:
+          history: list[Example], retrains_current: bool = False) -> pb.Verdict:
     """Compares the candidate with the serving adapter (or base), in this order: on earlier held-out feedback, which
-    poisoned new ratings cannot rewrite, not significantly worse; on new held-out feedback better; and on the
-    instruction suite (answered by the first target) not clearly worse, pair by pair (paired_loss). The first test
-    failed is the verdict's decision; a candidate that fails on feedback is not put to the suite, which would cost
-    the server 400 answers (its suite fields stay empty)."""
+    poisoned new ratings cannot rewrite, not significantly worse; on new held-out feedback better, or, when it
+    `retrains_current`, not clearly worse (new_feedback_fails); and on the instruction suite (answered by the first
+    target) not clearly worse, pair by pair (paired_loss). The first test failed is the verdict's decision; a
+    candidate that fails on feedback is not put to the suite, which would cost the server 400 answers (its suite
+    fields stay empty)."""
     examples = held_out + history
     cand_scores = answer_scores(config, candidate.folder, examples)
     curr_scores = answer_scores(config, current.folder, examples)
@@ -201,9 +222,13 @@ def judge(config: TunerConfig, candidate: Version, current: Version, held_out: l
         verdict.reason = (f"contradicts earlier feedback: its margin there falls from {verdict.current_history:.4f} "
                           f"to {verdict.candidate_history:.4f}, {-history_change / max(history_se, 1e-12):.1f} "
                           f"standard errors (limits: {config.history_tolerance} or {config.history_z} standard errors)")
-    elif not held_out or change - config.improvement_z * change_se <= 0:
-        verdict.decision = pb.GATE_TOO_LITTLE_EVIDENCE
-        verdict.reason = (f"held-out feedback margin {verdict.candidate_margin:.4f} does not beat the serving "
+    elif decision := new_feedback_fails(change, change_se, held_out, config,
+                                        retrains_current and current.folder is not None):
+        verdict.decision = decision
+        verdict.reason = (f"clearly worse on new held-out feedback: margin {verdict.candidate_margin:.4f} against the "
+                          f"serving {verdict.current_margin:.4f}, more than {config.history_z} standard errors "
+                          f"({change_se:.4f}) below" if decision == pb.GATE_WORSE_ON_NEW_FEEDBACK else
+                          f"held-out feedback margin {verdict.candidate_margin:.4f} does not beat the serving "
                           f"{verdict.current_margin:.4f} by {config.improvement_z} standard error(s) ({change_se:.4f})")
     else:
         _judge_on_suite(config, candidate, current, verdict)

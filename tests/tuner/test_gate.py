@@ -75,23 +75,26 @@ def test_a_lone_answer_on_one_side_still_counts_toward_the_error():
     assert margin_change(examples[:2], candidate[:2], current[:2])[1] == float("inf")  # nothing to estimate from
 
 
-def _judge(monkeypatch, tmp_path, held_out_change: float, history_change: float, suite_loss: int):
+def _judge(monkeypatch, tmp_path, held_out_change: float, history_change: float, suite_loss: int,
+           serving: evaluate.Version = evaluate.Version(0, None), retrains: bool = False):
     """The gate's decision with scores and suite results given (no model, no server): each 👍 answer's score moves by
-    +change/2 and each 👎 one's by -change/2 (with a little noise), on new and on earlier held-out feedback."""
+    +change/2 and each 👎 one's by -change/2 (with a little noise), on new and on earlier held-out feedback, against
+    the `serving` version (the base unless given), which the candidate may have been retrained from."""
     rng = random.Random(3)
     new, old = _examples(20), _examples(20)
     base = [rng.uniform(-3, -1) for _ in new + old]
     moved = [s + (c if e.desirable else -c) / 2 + rng.gauss(0, 0.01)
              for e, s, c in zip(new + old, base, [held_out_change] * 20 + [history_change] * 20)]
-    monkeypatch.setattr(evaluate, "answer_scores", lambda config, adapter, examples: moved if adapter else base)
+    candidate = evaluate.Version(serving.number + 1, tmp_path / "candidate", "c" * 64)
+    monkeypatch.setattr(evaluate, "answer_scores",
+                        lambda config, adapter, examples: moved if adapter == candidate.folder else base)
 
     def suite(config, versions):  # 200 answer pairs; the candidate fails the first `suite_loss` of them
         return [[("answered", not (v.number and i < suite_loss) and i % 2 == 0) for i in range(200)] for v in versions]
 
     monkeypatch.setattr(evaluate, "suite_results", suite)
     config = TunerConfig(work_dir=tmp_path, model=tmp_path)
-    return evaluate.judge(config, evaluate.Version(1, tmp_path / "candidate", "c" * 64), evaluate.Version(0, None),
-                          new, old)
+    return evaluate.judge(config, candidate, serving, new, old, retrains_current=retrains)
 
 
 @pytest.mark.parametrize("held_out, history, suite_loss, decision, keeps", [
@@ -109,6 +112,32 @@ def test_the_first_failed_test_decides_and_only_suspect_ratings_are_used_up(monk
     put_to_the_suite = decision in (pb.GATE_PASSED, pb.GATE_SUITE_REGRESSION)  # failed on feedback: no 400 answers
     assert bool(verdict.suite_by_check) == put_to_the_suite and (verdict.suite_losses > 0) == (suite_loss > 0 and
                                                                                            put_to_the_suite)
+
+
+@pytest.mark.parametrize("held_out, retrains, decision", [
+    (-0.01, True, pb.GATE_PASSED),                  # about as good as the adapter it relearnt, with more evidence
+    (-0.01, False, pb.GATE_TOO_LITTLE_EVIDENCE),    # trained on its own data, it has to beat the serving adapter
+    (-0.05, True, pb.GATE_WORSE_ON_NEW_FEEDBACK),   # a small but consistent fall is clear: ratings stay
+    (0.3, True, pb.GATE_PASSED),
+])
+def test_a_candidate_retrained_on_all_the_serving_adapter_learnt_need_only_be_no_worse(monkeypatch, tmp_path,
+                                                                                       held_out, retrains, decision):
+    serving = evaluate.Version(1, tmp_path / "serving", "s" * 64)
+    verdict = _judge(monkeypatch, tmp_path, held_out, 0.0, 0, serving, retrains)
+    assert (verdict.decision, keeps_ratings(verdict)) == (decision, decision != pb.GATE_PASSED), verdict.reason
+    assert (verdict.decision == pb.GATE_PASSED) == bool(verdict.suite_by_check)
+
+
+def test_against_the_base_a_retrained_candidate_still_has_to_beat_it(monkeypatch, tmp_path):
+    """The base learnt nothing from ratings: a first adapter that does not beat it learnt too little to serve."""
+    assert _judge(monkeypatch, tmp_path, -0.01, 0.0, 0, retrains=True).decision == pb.GATE_TOO_LITTLE_EVIDENCE
+
+
+def test_too_few_held_out_answers_to_estimate_an_error_decide_nothing(tmp_path):
+    config = TunerConfig(work_dir=tmp_path, model=tmp_path)
+    for retrains in (True, False):
+        assert evaluate.new_feedback_fails(0.5, math.inf, _examples(1), config, retrains) == pb.GATE_TOO_LITTLE_EVIDENCE
+        assert evaluate.new_feedback_fails(0.5, 0.1, [], config, retrains) == pb.GATE_TOO_LITTLE_EVIDENCE
 
 
 def test_a_run_starts_on_request_on_enough_new_ratings_or_on_the_timer(tmp_path):
