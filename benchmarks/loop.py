@@ -1,8 +1,9 @@
 """The closed loop, measured: simulated users send instructions with verifiable constraints to a fresh
 instructd, rate every answer by IFEval's checkers (👍 only if all constraints are followed, sometimes
 with a mechanically corrected answer), the service's own tuner learns from those ratings, and held-out prompts
-measure the base and the version serving after the last cycle (after every cycle with --measure-every-cycle):
-strict accuracy on rated types, on types no user ever rated, and the quality of plain answers. A candidate that
+measure the base and the version serving after the last cycle (after every cycle with --measure-every-cycle),
+and the base again beside the last, in the same engine batches: strict accuracy on rated types, on types no user
+ever rated, and the quality of plain answers. A candidate that
 passes the gate serves a canary, as by default: the same users go on asking and rating, and their ratings of its
 answers promote or roll it back. Everything goes through the public gRPC API.
 
@@ -171,30 +172,39 @@ class Loop:
                            f"v{version} got {_ups(rounds, version)}, v{state.incumbent_version} "
                            f"{_ups(rounds, state.incumbent_version)}"}
 
-    async def measure(self, label: str, serving: int, base_plain: list[str] | None = None) -> dict:
-        """Greedy answers from the serving version to every held-out prompt, judged. The version is named: a request
-        without one may be drawn into a canary."""
+    async def measure(self, label: str, versions: tuple[int, ...], base_plain: list[str] | None = None) -> list[dict]:
+        """Greedy answers from each version to every held-out prompt, judged; one result per version. The versions
+        are named (a request without one may be drawn into a canary) and asked side by side, prompt by prompt, so
+        their answers share the engine's batches: greedy answers on CPU depend on the batch
+        (benchmarks/determinism.py), and what the batch does to one version it does to the other."""
         c = self.config
         prompts = self.measure_rated + self.measure_unrated
         plain_tasks = [task for task, _ in self.measure_plain]
         async with self.server.async_client(self.keys["measure"], timeout=MEASURE_TIMEOUT) as client:
-            with tqdm(total=len(prompts) + len(plain_tasks), desc=f"{label}: measuring", unit="answer") as bar:
+            total = (len(prompts) + len(plain_tasks)) * len(versions)
+            with tqdm(total=total, desc=f"{label}: measuring", unit="answer") as bar:
                 at_once = asyncio.Semaphore(AT_ONCE)
 
-                async def ask(text: str, max_tokens: int):
+                async def ask(text: str, version: int) -> Measured:
                     async with at_once:
-                        answer = await client.generate(text, adapter=serving or "base", temperature=0,
-                                                       max_tokens=max_tokens)
+                        answer = await client.generate(text, adapter=version or "base", temperature=0,
+                                                       max_tokens=c.max_tokens)
                     bar.update()
                     return Measured(answer.text, answer.finish_reason, answer.adapter_version)
 
-                async def ask_plain(text: str) -> Measured:
+                async def ask_plain(text: str, version: int) -> Measured:
                     async with at_once:
-                        answer = await answer_until_it_loops(client, text, serving, c.plain_max_tokens)
+                        answer = await answer_until_it_loops(client, text, version, c.plain_max_tokens)
                     bar.update()
                     return answer
-                answers = await asyncio.gather(*(ask(p.text, c.max_tokens) for p in prompts),
-                                               *(ask_plain(t) for t in plain_tasks))
+                asked = [*(ask(p.text, v) for p in prompts for v in versions),
+                         *(ask_plain(t, v) for t in plain_tasks for v in versions)]
+                answers = await asyncio.gather(*asked)
+        return [self._judged(answers[i::len(versions)], base_plain) for i in range(len(versions))]
+
+    def _judged(self, answers: list[Measured], base_plain: list[str] | None) -> dict:
+        """One version's answers to the held-out prompts (rated, unrated, then plain), judged."""
+        prompts = self.measure_rated + self.measure_unrated
         versions = {a.adapter_version for a in answers if a.finish_reason != LOOPED}
         judged = [all(self.judge.followed(p, a.text)) for p, a in zip(prompts, answers)]
         rated, unrated = judged[: len(self.measure_rated)], judged[len(self.measure_rated):]
@@ -308,7 +318,7 @@ def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
                                  stdout=tuner_log, stderr=subprocess.STDOUT, env=server.env(tuner_key))
         try:
             loop = Loop(config, server, judge, rated, unrated)
-            base = asyncio.run(loop.measure("base", 0))
+            (base,) = asyncio.run(loop.measure("base", (0,)))
             result["cycles"].append({"cycle": 0, "serving": 0, "measure": base, "seconds": time.monotonic() - started})
             with server.client() as client:
                 for cycle in range(1, config.cycles + 1):
@@ -319,10 +329,14 @@ def run_loop(config: LoopConfig, out_dir: Path, work_dir: Path) -> Path:
                     run = wait_for_run(client, last, timeout=3600)
                     canary = loop.canary(client, cycle)
                     _, serving = client.adapters()
-                    measured = (asyncio.run(loop.measure(f"cycle {cycle}", serving, base["plain_answers"]))
-                                if cycle == config.cycles or config.measure_every_cycle else None)
+                    measured = beside = None
+                    if cycle == config.cycles or config.measure_every_cycle:
+                        # The last time with the base beside it, in the same batches: the headline's pairs.
+                        versions = (serving, 0) if cycle == config.cycles and serving else (serving,)
+                        measured, *rest = asyncio.run(loop.measure(f"cycle {cycle}", versions, base["plain_answers"]))
+                        beside = rest[0] if rest else None
                     result["cycles"].append({"cycle": cycle, "serving": serving, "traffic": tally, "run": run,
-                                             "canary": canary, "measure": measured,
+                                             "canary": canary, "measure": measured, "base_beside": beside,
                                              "seconds": time.monotonic() - t0})
                     click.echo(f"cycle {cycle}: run {run['outcome']} ({run['reason']}); "
                                f"canary {canary['summary'] if canary else 'none'}; serving v{serving}"

@@ -1,7 +1,7 @@
 """Training recipes, side by side on the same ratings: the loop benchmark's simulated users rate the base's answers,
 the tuner's own data selection turns the ratings into training examples, and each recipe trains a candidate from
 the base on them with the tuner's own code; then the base and every candidate answer the loop benchmark's held-out
-prompts through one server, greedily. Every difference (from the base, and between recipes) is paired, with its 95%
+prompts through one server, greedily, side by side in the same engine batches. Every difference (from the base, and between recipes) is paired, with its 95%
 interval. This is the evidence for the tuner's default recipe (rehearsal, tuner/rehearsal.py).
 
 \b
@@ -56,8 +56,8 @@ RECIPES = {"no-rehearsal": ("feedback alone", {"rehearsal": 0}),
 
 def run_recipes(loop_config: LoopConfig, traffic: int, steps: int | None, recipes: dict[str, dict], out_dir: Path,
                 work_dir: Path) -> Path:
-    """Train and measure each of `recipes` (name -> TunerConfig fields), in order; later ones are compared to the
-    first as well as to the base."""
+    """Train each of `recipes` (name -> TunerConfig fields), in order, then measure them all beside the base; later
+    ones are compared to the first as well as to the base."""
     judge = Judge()
     _, rated, unrated = instruction_types(judge)
     server = LocalServer(work_dir / "data", work_dir / "server.log", "--generate-per-second", "0",
@@ -76,17 +76,18 @@ def run_recipes(loop_config: LoopConfig, traffic: int, steps: int | None, recipe
             data = build_dataset(base_config, list(tuning.export()), [])
         result["data"] = {"train": len(for_objective(data.train, base_config.objective)),
                           "dropped": dict(data.dropped)}
-        measured = {"base": asyncio.run(loop.measure("base", 0))}
-        for name, fields in recipes.items():
+        for i, (name, fields) in enumerate(recipes.items(), 1):
             config = replace(base_config, **fields)
             rehearsal = rehearsal_examples(config)
-            out = server.adapter_dir / f"recipe-{len(measured)}"  # where the server registers adapters from
+            out = server.adapter_dir / f"recipe-{i}"  # where the server registers adapters from
             trained = train_adapter(config, with_rehearsal(config, data.train, rehearsal), out, parent=None)
             with server.client() as admin:
                 version = admin.register(str(out), metadata={"recipe": name}).version
-            measured[name] = asyncio.run(loop.measure(name, version))
             result["recipes"][name] = {"fields": fields, "rehearsal_examples": len(rehearsal),
                                        "train": asdict(trained), "version": version}
+        # The base and every recipe side by side, in the same engine batches: their pairs share its noise.
+        versions = (0, *(r["version"] for r in result["recipes"].values()))
+        measured = dict(zip(["base", *recipes], asyncio.run(loop.measure("base and recipes", versions))))
     result["measure"] = {name: {k: m[k] for k in ("rated", "unrated", "plain", "judged")}
                          for name, m in measured.items()}
     result["change"] = _changes(measured)

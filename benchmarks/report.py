@@ -48,10 +48,14 @@ def paired_interval(before: list[bool], after: list[bool], draws: int = 10_000) 
 
 
 def headline(result: dict) -> dict:
-    """The final serving version against the base on every held-out group, and the live 👍 rates."""
+    """The final serving version against the base on every held-out group, and the live 👍 rates. The base is the
+    one measured beside the final version, in the same engine batches, where there is one (`base_beside`); the base
+    measured before the cycles against it is the benchmark's own spread (`base_twice`): no model changed there."""
     cycles = result["cycles"]
-    base, last = cycles[0]["measure"], cycles[-1]["measure"]
+    first, last, beside = cycles[0]["measure"], cycles[-1]["measure"], cycles[-1].get("base_beside")
+    base = beside or first
     change = {g: paired_interval(base["judged"][g], last["judged"][g]) for g in GROUPS}
+    twice = {g: paired_interval(first["judged"][g], beside["judged"][g]) for g in GROUPS} if beside else None
     live = {a["adapter_version"]: a["up_rate"] or 0.0 for a in result.get("live_up_rate", []) if a["up"] + a["down"]}
     final = cycles[-1]["serving"]
     ratio = live.get(final, 0.0) / live[0] if live.get(0) else None
@@ -59,7 +63,7 @@ def headline(result: dict) -> dict:
            "unrated": change["unrated"]["high"] >= 0, "plain": change["plain"]["high"] >= 0,
            "live_up_ratio": ratio is not None and ratio >= TARGET["live_up_ratio"],
            "minutes": result["minutes"] <= TARGET["minutes"]}
-    return {"change": change, "live_up_ratio": ratio, "target_met": met}
+    return {"change": change, "base_twice": twice, "live_up_ratio": ratio, "target_met": met}
 
 
 def _interval(c: dict) -> str:
@@ -93,6 +97,9 @@ def markdown(result: dict, plot_name: str) -> str:
         f"{'n/a' if h['live_up_ratio'] is None else format(h['live_up_ratio'], '.2f') + '×'}; target at least 2×: "
         f"{yes(h['target_met']['live_up_ratio'])}",
         f"- Time: {result['minutes']:.1f} min (target under 60: {yes(h['target_met']['minutes'])})", "",
+        *([f"The base is the one measured beside the final version, in the same engine batches. The base measured "
+           f"before the cycles against it (no model changed; the benchmark's own spread): "
+           + "; ".join(f"{g} {_interval(h['base_twice'][g])}" for g in GROUPS), ""] if h.get("base_twice") else []),
         "Strict prompt-level accuracy (every constraint followed) on held-out prompts never sent as traffic, "
         "greedy, through the gRPC API; plain = complete, on-topic, non-looping answers to plain instructions.", "",
         f"![accuracy per cycle]({plot_name})", "",

@@ -24,6 +24,8 @@ def test_quick_loop_writes_its_report(tmp_path, model_dir):
         assert len(canary["rounds"]) == 1 and canary["rounds"][0]["exchanges"] == result["config"]["canary_traffic"]
     for c in result["cycles"]:
         assert 0 <= c["measure"]["rated"] <= 1 and 0 <= c["measure"]["plain"] <= 1
+    last = result["cycles"][1]  # an adapter serving at the end is measured with the base beside it, in one batch
+    assert (last["base_beside"] is not None) == (last["serving"] != 0) == (result["headline"]["base_twice"] is not None)
     assert result["cycles"][1]["traffic"]["exchanges"] == result["config"]["traffic"]
     assert result_path.with_suffix(".png").stat().st_size > 10_000
     report = result_path.with_suffix(".md").read_text()
