@@ -1,8 +1,8 @@
 """Training recipes, side by side on the same ratings: the loop benchmark's simulated users rate the base's answers,
 the tuner's own data selection turns the ratings into training examples, and each recipe trains a candidate from
 the base on them with the tuner's own code; then the base and every candidate answer the loop benchmark's held-out
-prompts through one server, greedily, side by side in the same engine batches. Every difference (from the base, and between recipes) is paired, with its 95%
-interval. This is the evidence for the tuner's default recipe (rehearsal, tuner/rehearsal.py).
+prompts through one server, greedily, side by side in the same engine batches. Every difference (from the base,
+and between recipes) is paired, with its 95% interval. This is the evidence for the tuner's default recipe (rehearsal, tuner/rehearsal.py).
 
 \b
 Example:

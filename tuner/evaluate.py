@@ -1,5 +1,6 @@
-"""The evaluation gate: a candidate must beat the serving adapter on held-out feedback and must not be clearly worse
-on the fixed instruction-following suite (both versions answer it through the server, i.e. vLLM, as users get it)."""
+"""The evaluation gate: a candidate must beat the serving adapter on held-out feedback (or, retrained on all that
+adapter learnt, be no worse there) and must not be clearly worse on the fixed instruction-following suite (both
+versions answer it through the server, i.e. vLLM, as users get it)."""
 
 from __future__ import annotations
 
@@ -231,13 +232,17 @@ def judge(config: TunerConfig, candidate: Version, current: Version, held_out: l
                           f"held-out feedback margin {verdict.candidate_margin:.4f} does not beat the serving "
                           f"{verdict.current_margin:.4f} by {config.improvement_z} standard error(s) ({change_se:.4f})")
     else:
-        _judge_on_suite(config, candidate, current, verdict)
+        gained = change - config.improvement_z * change_se > 0
+        _judge_on_suite(config, candidate, current, verdict, "beats the serving adapter on held-out feedback" if gained
+                        else "no worse on held-out feedback than the serving adapter it retrains")
     verdict.passed = verdict.decision == pb.GATE_PASSED
     return verdict
 
 
-def _judge_on_suite(config: TunerConfig, candidate: Version, current: Version, verdict: pb.Verdict) -> None:
-    """The last test, on a candidate that passed on feedback: fills in `verdict`'s suite fields and decision."""
+def _judge_on_suite(config: TunerConfig, candidate: Version, current: Version, verdict: pb.Verdict,
+                    on_feedback: str) -> None:
+    """The last test, on a candidate that passed on feedback (`on_feedback` says how): fills in `verdict`'s suite
+    fields, decision and reason."""
     cand_results, curr_results = suite_results(config, [candidate, current])
     losses, wins, harm_p = paired_loss([r[1] for r in cand_results], [r[1] for r in curr_results])
     cand_suite, curr_suite = pass_rates(cand_results), pass_rates(curr_results)
@@ -251,5 +256,5 @@ def _judge_on_suite(config: TunerConfig, candidate: Version, current: Version, v
                           f"wins {wins} (McNemar's exact test, one-sided p = {harm_p:.3g} < {config.harm_alpha})")
     else:
         verdict.decision = pb.GATE_PASSED
-        verdict.reason = (f"beats the serving adapter on held-out feedback; no clear loss on the instruction suite "
+        verdict.reason = (f"{on_feedback}; no clear loss on the instruction suite "
                           f"(loses {losses}, wins {wins} answer pairs, p = {harm_p:.3g})")

@@ -126,6 +126,8 @@ def test_a_candidate_retrained_on_all_the_serving_adapter_learnt_need_only_be_no
     verdict = _judge(monkeypatch, tmp_path, held_out, 0.0, 0, serving, retrains)
     assert (verdict.decision, keeps_ratings(verdict)) == (decision, decision != pb.GATE_PASSED), verdict.reason
     assert (verdict.decision == pb.GATE_PASSED) == bool(verdict.suite_by_check)
+    if decision == pb.GATE_PASSED:  # the reason says which test on feedback it passed
+        assert verdict.reason.startswith("beats" if held_out > 0 else "no worse"), verdict.reason
 
 
 def test_against_the_base_a_retrained_candidate_still_has_to_beat_it(monkeypatch, tmp_path):
